@@ -1,0 +1,222 @@
+"""Host-physical memory: sparse, page-granular, 64-bit addressed.
+
+Pages live as rows of one growable ``numpy`` array of 512 u64 each, so the scalar path indexes a flat
+``memoryview`` (a few tens of ns per access) and batched replay gathers whole columns of entries with
+numpy.  A page exists only once it is written: reads of never-written memory return zeros and cost no
+memory.
+
+Addresses at or above ``size`` are not memory.  :meth:`HostRAM.read_u64` returns :data:`NO_MEMORY` (-1)
+for them instead of raising, because an unreadable table is an architectural result (a fault) for the
+IOMMU, not an error.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import numpy as np
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = PAGE_SIZE - 1
+NO_MEMORY = -1
+"""Returned by ``read_u64`` for an address that is not backed by memory."""
+
+_U64_PER_PAGE = PAGE_SIZE // 8
+_ADDR_LIMIT = 1 << 64
+
+
+class Memory(Protocol):
+    """What every model reads and writes memory through (host RAM or a guest's view of it)."""
+
+    def read_u64(self, addr: int) -> int: ...
+
+    def write_u64(self, addr: int, value: int) -> bool: ...
+
+    def read(self, addr: int, length: int) -> bytes: ...
+
+    def write(self, addr: int, data: bytes) -> int: ...
+
+    def is_ram(self, addr: int) -> bool: ...
+
+
+class HostRAM:
+    """Sparse little-endian memory of ``size`` bytes (default: the whole 64-bit space)."""
+
+    __slots__ = ("size", "_rows", "_pool", "_q", "_b", "_used", "_pfn_index", "generation", "watch")
+
+    def __init__(self, size: int | None = None, *, initial_pages: int = 64) -> None:
+        if size is None:
+            size = _ADDR_LIMIT
+        if size <= 0 or size > _ADDR_LIMIT:
+            raise ValueError(f"HostRAM size must be in 1..2**64, got {size:#x}")
+        self.size = size
+        self._rows: dict[int, int] = {}
+        self._used = 0
+        self._pool = np.zeros((max(1, initial_pages), _U64_PER_PAGE), dtype=np.uint64)
+        self._q: memoryview = memoryview(self._pool.reshape(-1)).cast("B").cast("Q")
+        self._b: memoryview = memoryview(self._pool.reshape(-1)).cast("B")
+        self._pfn_index: tuple[np.ndarray, np.ndarray] | None = None
+        # Bumped on every write: lets batched readers know when their snapshot of memory is stale.
+        self.generation = 0
+        # When a list, every write appends (address, previous bytes) first: how callers see exactly what
+        # a DMA or an invalidation-wait status write changed.
+        self.watch: list[tuple[int, bytes]] | None = None
+
+    # -- page management -------------------------------------------------------------------------
+    def _row_for_write(self, pfn: int) -> int:
+        row = self._rows.get(pfn)
+        if row is None:
+            row = self._used
+            if row == self._pool.shape[0]:
+                self._grow()
+            self._rows[pfn] = row
+            self._used = row + 1
+            self._pfn_index = None
+        return row
+
+    def _grow(self) -> None:
+        old = self._pool
+        new = np.zeros((old.shape[0] * 2, _U64_PER_PAGE), dtype=np.uint64)
+        new[: old.shape[0]] = old
+        self._q.release()
+        self._b.release()
+        self._pool = new
+        flat = memoryview(new.reshape(-1)).cast("B")
+        self._b = flat
+        self._q = flat.cast("Q")
+
+    @property
+    def pages_used(self) -> int:
+        """How many 4 KiB pages have been written (what the memory footprint is proportional to)."""
+        return self._used
+
+    def is_ram(self, addr: int) -> bool:
+        return 0 <= addr < self.size
+
+    def pages(self) -> Iterator[int]:
+        """Page frame numbers of every page written so far, in ascending order."""
+        return iter(sorted(self._rows))
+
+    # -- scalar access ---------------------------------------------------------------------------
+    def read_u64(self, addr: int) -> int:
+        """The little-endian u64 at ``addr``, 0 if never written, :data:`NO_MEMORY` if not memory."""
+        if addr & 7 == 0:
+            row = self._rows.get(addr >> PAGE_SHIFT)
+            if row is not None:
+                return self._q[(row << 9) | ((addr >> 3) & 511)]
+            return 0 if 0 <= addr and addr + 8 <= self.size else NO_MEMORY
+        if addr < 0 or addr + 8 > self.size:
+            return NO_MEMORY
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def write_u64(self, addr: int, value: int) -> bool:
+        """Store ``value`` (taken modulo 2**64); False, and nothing stored, if ``addr`` is not memory."""
+        if addr < 0 or addr + 8 > self.size:
+            return False
+        self.generation += 1
+        if self.watch is not None:
+            self.watch.append((addr, self.read(addr, 8)))
+        if addr & 7 == 0:
+            row = self._row_for_write(addr >> PAGE_SHIFT)
+            self._q[(row << 9) | ((addr >> 3) & 511)] = value & 0xFFFF_FFFF_FFFF_FFFF
+            return True
+        self.write(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+        return True
+
+    def read(self, addr: int, length: int) -> bytes:
+        """``length`` bytes from ``addr``; bytes that are not memory read as zero."""
+        if length <= 0:
+            return b""
+        out = bytearray(length)
+        pos = 0
+        rows = self._rows
+        b = self._b
+        size = self.size
+        while pos < length:
+            a = addr + pos
+            off = a & PAGE_MASK
+            n = min(PAGE_SIZE - off, length - pos)
+            if 0 <= a < size:
+                n = min(n, size - a)
+                row = rows.get(a >> PAGE_SHIFT)
+                if row is not None:
+                    base = (row << PAGE_SHIFT) | off
+                    out[pos : pos + n] = b[base : base + n]
+            pos += n
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> int:
+        """Store ``data`` at ``addr``; bytes that fall outside memory are dropped.  Returns bytes stored."""
+        length = len(data)
+        if length == 0:
+            return 0
+        self.generation += 1
+        if self.watch is not None:
+            self.watch.append((addr, self.read(addr, length)))
+        mv = memoryview(data).cast("B")
+        stored = 0
+        pos = 0
+        size = self.size
+        while pos < length:
+            a = addr + pos
+            off = a & PAGE_MASK
+            n = min(PAGE_SIZE - off, length - pos)
+            if 0 <= a < size:
+                n = min(n, size - a)
+                row = self._row_for_write(a >> PAGE_SHIFT)
+                base = (row << PAGE_SHIFT) | off
+                self._b[base : base + n] = mv[pos : pos + n]
+                stored += n
+            pos += n
+        return stored
+
+    def fill(self, addr: int, length: int, byte: int = 0) -> None:
+        self.write(addr, bytes([byte]) * length)
+
+    # -- batched access --------------------------------------------------------------------------
+    def gather_u64(self, addrs: np.ndarray) -> np.ndarray:
+        """Vectorised ``read_u64`` of 8-byte-aligned addresses (uint64 array); never-written reads 0.
+
+        Addresses that are not memory also read 0 here: callers that must tell them apart check
+        ``addrs < size`` themselves.
+        """
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        pfns = addrs >> np.uint64(PAGE_SHIFT)
+        sorted_pfns, sorted_rows = self._index()
+        if sorted_pfns.size == 0:
+            return np.zeros(addrs.shape, dtype=np.uint64)
+        pos = np.searchsorted(sorted_pfns, pfns)
+        pos = np.minimum(pos, sorted_pfns.size - 1)
+        hit = sorted_pfns[pos] == pfns
+        rows = sorted_rows[pos]
+        cols = ((addrs >> np.uint64(3)) & np.uint64(511)).astype(np.intp)
+        vals = self._pool[rows, cols]
+        return np.where(hit, vals, np.uint64(0))
+
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._pfn_index is None:
+            if self._rows:
+                items = sorted(self._rows.items())
+                pf = np.fromiter((p for p, _ in items), dtype=np.uint64, count=len(items))
+                rw = np.fromiter((r for _, r in items), dtype=np.intp, count=len(items))
+            else:
+                pf = np.zeros(0, dtype=np.uint64)
+                rw = np.zeros(0, dtype=np.intp)
+            self._pfn_index = (pf, rw)
+        return self._pfn_index
+
+    def page_array(self, pfn: int) -> np.ndarray | None:
+        """The u64 row of page ``pfn`` (a view, writes go to memory), or None if never written."""
+        row = self._rows.get(pfn)
+        return None if row is None else self._pool[row]
+
+    def load_image(self, data: bytes | memoryview, base: int = 0) -> None:
+        """Copy a raw image in, skipping all-zero pages so a sparse image stays sparse."""
+        mv = memoryview(data).cast("B")
+        total = len(mv)
+        arr = np.frombuffer(mv, dtype=np.uint8)
+        for off in range(0, total, PAGE_SIZE):
+            chunk = arr[off : off + PAGE_SIZE]
+            if chunk.any():
+                self.write(base + off, mv[off : off + PAGE_SIZE])

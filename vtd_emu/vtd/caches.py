@@ -1,0 +1,240 @@
+"""The unit's translation caches and what each invalidation removes from them.
+
+Context cache (by source id), PASID cache (by source id + PASID, tagged with the entry's DID), IOTLB
+(tagged DID + PASID + page + page size) and first/second-stage paging-structure caches hold entries
+until an invalidation of the right granularity, or a size limit, removes them: a guest that forgets to
+invalidate sees stale translations as on hardware.
+
+``front`` is a memo in front of all of them, keyed by (source id, request PASID, 4 KiB page): it only
+ever holds what the caches behind it would answer, and is cleared whenever any of them loses an entry
+that a memo entry could depend on, so an IOTLB hit costs one dict probe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .access import NO_PASID
+
+# IOTLB entry: a list, so invalidation can mark it dead without touching the memo.
+E_BASE, E_MASK, E_ALLOWED, E_ALIVE, E_DID, E_PASID, E_KIND, E_IOVA, E_SHIFT = range(9)
+
+KIND_SS, KIND_FS, KIND_NESTED, KIND_PT = 0, 1, 2, 3
+KIND_NAMES = {KIND_SS: "second-stage", KIND_FS: "first-stage", KIND_NESTED: "nested", KIND_PT: "pass-through"}
+
+_FRONT_LIMIT = 1 << 18
+
+
+def iotlb_key(did: int, ptag: int, size_idx: int, iova: int) -> int:
+    """Packed key; ``size_idx`` 0/1/2/3 = 4K/2M/1G/512G page, ``iova`` page-aligned for that size."""
+    return (((((did << 21) | ptag) << 2) | size_idx) << 52) | (iova >> 12)
+
+
+_FM_MASKS = (0xFFFF, 0xFFFB, 0xFFF9, 0xFFF8)
+
+
+def sid_matches(entry_sid: int, sid: int, fm: int) -> bool:
+    """Device-selective match under a function mask: FM 1, 2, 3 ignore SID bit 2, bits 2:1, bits 2:0."""
+    mask = _FM_MASKS[fm & 3]
+    return (entry_sid & mask) == (sid & mask)
+
+
+@dataclass(slots=True)
+class CacheStats:
+    front_hits: int = 0
+    iotlb_hits: int = 0
+    iotlb_misses: int = 0
+    context_hits: int = 0
+    context_misses: int = 0
+    pasid_hits: int = 0
+    pasid_misses: int = 0
+    psc_hits: int = 0
+    walks: int = 0
+    invalidations: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str) -> None:
+        self.invalidations[kind] = self.invalidations.get(kind, 0) + 1
+
+
+class Caches:
+    def __init__(self, *, iotlb_size: int, context_size: int, pasid_size: int, psc_size: int,
+                 flush_when_full: bool = False, psi_mask_bits: int | None = None) -> None:
+        self.iotlb_size = iotlb_size
+        self.context_size = context_size
+        self.pasid_size = pasid_size
+        self.psc_size = psc_size
+        self.flush_when_full = flush_when_full
+        self.psi_mask_bits = psi_mask_bits
+        self.front: dict[int, tuple[int, list[int]]] = {}
+        self.context: dict[int, tuple[int, ...]] = {}
+        self.pasid: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.iotlb: dict[int, list[int]] = {}
+        # Paging-structure caches, filled by the walkers (walk.py) under packed keys
+        # ((tag << 3 | level) << 56 | region); tag = DID (second stage) or DID << 20 | PASID (first stage).
+        self.psc_ss: dict[int, tuple[int, int]] = {}
+        self.psc_fs: dict[int, tuple[int, int, int, int]] = {}
+        self.stats = CacheStats()
+
+    # -- fills -----------------------------------------------------------------------------------
+    def put_context(self, sid: int, ctx: tuple[int, ...]) -> None:
+        if self.context_size == 0:
+            return
+        if len(self.context) >= self.context_size:
+            del self.context[next(iter(self.context))]
+            self.front.clear()
+        self.context[sid] = ctx
+
+    def put_pasid(self, sid: int, pasid: int, pe: tuple[int, ...]) -> None:
+        if self.pasid_size == 0:
+            return
+        if len(self.pasid) >= self.pasid_size:
+            del self.pasid[next(iter(self.pasid))]
+            self.front.clear()
+        self.pasid[(sid, pasid)] = pe
+
+    def put_iotlb(self, key: int, entry: list[int]) -> None:
+        if self.iotlb_size == 0:
+            return
+        iotlb = self.iotlb
+        if len(iotlb) >= self.iotlb_size and key not in iotlb:
+            if self.flush_when_full:
+                self._kill_all()
+            else:
+                old = iotlb.pop(next(iter(iotlb)))
+                old[E_ALIVE] = 0
+        prev = iotlb.get(key)
+        if prev is not None:
+            prev[E_ALIVE] = 0
+        iotlb[key] = entry
+
+    def put_front(self, key: int, out4k: int, entry: list[int]) -> None:
+        front = self.front
+        if len(front) >= _FRONT_LIMIT:
+            front.clear()
+        front[key] = (out4k, entry)
+
+    # -- invalidation ----------------------------------------------------------------------------
+    def _kill_all(self) -> None:
+        for e in self.iotlb.values():
+            e[E_ALIVE] = 0
+        self.iotlb.clear()
+        self.front.clear()
+
+    def _kill_where(self, pred: "object") -> int:
+        dead = [k for k, e in self.iotlb.items() if pred(e)]  # type: ignore[operator]
+        for k in dead:
+            self.iotlb.pop(k)[E_ALIVE] = 0
+        return len(dead)
+
+    def context_global(self) -> None:
+        self.stats.count("context-global")
+        self.context.clear()
+        self.front.clear()
+
+    def context_domain(self, did: int) -> None:
+        self.stats.count("context-domain")
+        # Scalable-mode context entries carry no DID: a domain-selective request drops all of them.
+        for sid in [s for s, c in self.context.items() if c[0] == 1 or c[1] == did]:
+            del self.context[sid]
+        self.front.clear()
+
+    def context_device(self, sid: int, fm: int, did: int | None = None) -> None:
+        self.stats.count("context-device")
+        for s in [s for s in self.context if sid_matches(s, sid, fm)]:
+            del self.context[s]
+        self.front.clear()
+
+    def pasid_global(self) -> None:
+        self.stats.count("pasid-global")
+        self.pasid.clear()
+        self.front.clear()
+
+    def pasid_domain(self, did: int) -> None:
+        self.stats.count("pasid-domain")
+        for k in [k for k, pe in self.pasid.items() if pe[0] == did]:
+            del self.pasid[k]
+        self.front.clear()
+
+    def pasid_selective(self, did: int, pasid: int) -> None:
+        self.stats.count("pasid-selective")
+        for k in [k for k, pe in self.pasid.items() if pe[0] == did and k[1] == pasid]:
+            del self.pasid[k]
+        self.front.clear()
+
+    def iotlb_global(self) -> None:
+        self.stats.count("iotlb-global")
+        self._kill_all()
+        self.psc_ss.clear()
+        self.psc_fs.clear()
+
+    def iotlb_domain(self, did: int) -> None:
+        self.stats.count("iotlb-domain")
+        self._kill_where(lambda e: e[E_DID] == did)
+        self._drop_psc(did, None)
+
+    def iotlb_page(self, did: int, addr: int, am: int, ih: bool) -> None:
+        """IOTLB page-selective: second-stage and pass-through entries of DID overlapping the range, and
+        every first-stage and nested entry of DID whatever its address."""
+        self.stats.count("iotlb-page")
+        lo, hi = self._range(addr, am)
+        bits = self.psi_mask_bits
+
+        def hit(e: list[int]) -> bool:
+            if e[E_DID] != did:
+                return False
+            if e[E_KIND] in (KIND_FS, KIND_NESTED):
+                return True
+            if bits is not None:
+                # QEMU 7.2: page numbers compared through an 8-bit mask (over-invalidation).
+                mask = ((1 << bits) - 1) & ~((1 << am) - 1) if am < bits else 0
+                return ((e[E_IOVA] >> 12) & mask) == ((addr >> 12) & mask)
+            return e[E_IOVA] < hi and e[E_IOVA] + (1 << e[E_SHIFT]) > lo
+
+        self._kill_where(hit)
+        if not ih:
+            self._drop_psc(did, None)
+
+    def piotlb_pasid(self, did: int, pasid: int) -> None:
+        self.stats.count("piotlb-pasid")
+        self._kill_where(lambda e: e[E_DID] == did and e[E_PASID] == pasid)
+        self._drop_psc(did, pasid)
+
+    def piotlb_page(self, did: int, pasid: int, addr: int, am: int, ih: bool) -> None:
+        """PASID-based page-selective: first-stage and nested entries of DID+PASID in the range; never
+        second-stage-only or pass-through entries."""
+        self.stats.count("piotlb-page")
+        lo, hi = self._range(addr, am)
+        self._kill_where(lambda e: e[E_DID] == did and e[E_PASID] == pasid
+                         and e[E_KIND] in (KIND_FS, KIND_NESTED)
+                         and e[E_IOVA] < hi and e[E_IOVA] + (1 << e[E_SHIFT]) > lo)
+        if not ih:
+            self._drop_psc(did, pasid, fs_only=True)
+
+    @staticmethod
+    def _range(addr: int, am: int) -> tuple[int, int]:
+        size = 1 << (12 + am)
+        lo = addr & ~(size - 1) & 0xFFFF_FFFF_FFFF_F000
+        return lo, lo + size
+
+    def _drop_psc(self, did: int, pasid: int | None, fs_only: bool = False) -> None:
+        if not fs_only:
+            for k in [k for k in self.psc_ss if k >> 59 == did]:
+                del self.psc_ss[k]
+        for k in [k for k in self.psc_fs
+                  if k >> 79 == did and (pasid is None or (k >> 59) & 0xFFFFF == pasid)]:
+            del self.psc_fs[k]
+
+    def flush_all(self) -> None:
+        self.context.clear()
+        self.pasid.clear()
+        self._kill_all()
+        self.psc_ss.clear()
+        self.psc_fs.clear()
+
+    def sizes(self) -> dict[str, int]:
+        return {"context": len(self.context), "pasid": len(self.pasid), "iotlb": len(self.iotlb),
+                "psc_ss": len(self.psc_ss), "psc_fs": len(self.psc_fs)}
+
+
+__all__ = ["Caches", "CacheStats", "iotlb_key", "sid_matches", "NO_PASID", "KIND_SS", "KIND_FS",
+           "KIND_NESTED", "KIND_PT", "KIND_NAMES"]

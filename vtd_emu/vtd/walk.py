@@ -1,0 +1,239 @@
+"""Page walks: second stage (legacy and scalable), first stage (IA-32e, 4/5 levels) and nested.
+
+Hot path.  Faults are returned as int reason codes, successes as small tuples; nothing is allocated per
+level except an optional trace entry (``trace`` is None unless a caller such as ``vtd-emu walk`` wants
+to see every entry).  Entry layouts come compiled from ``specs/structures.yaml`` as :class:`Geometry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..spec import specs
+from .access import ALL_REQ, EXEC, PRIV, READ, REQ_SUP, REQ_USER, REQ_W, REQ_X, WRITE, ss_allowed
+
+ADDR_MASK = 0x000F_FFFF_FFFF_F000
+"""Bits 51:12 of a table entry: the next table (its bits at or above HAW are reserved, so checked)."""
+
+TraceEntry = tuple[str, int, int, int]
+"""(structure name, level, address the entry was read from, entry value)"""
+
+SS_NAMES = {5: ("ss_pml5e", None), 4: ("ss_pml4e", None), 3: ("ss_pdpe", "ss_pdpe_1g"),
+            2: ("ss_pde", "ss_pde_2m"), 1: (None, "ss_pte")}
+FS_NAMES = {5: ("fs_pml5e", None), 4: ("fs_pml4e", None), 3: ("fs_pdpe", "fs_pdpe_1g"),
+            2: ("fs_pde", "fs_pde_2m"), 1: (None, "fs_pte")}
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Per-level masks of one stage for one configuration (index = level, 1..5)."""
+
+    rsvd_table: tuple[int, ...]
+    rsvd_leaf: tuple[int, ...]
+    leaf_addr: tuple[int, ...]
+    large_ok: tuple[bool, ...]
+
+    @staticmethod
+    def compile(stage: str, features: frozenset[str], haw: int, large: tuple[bool, bool],
+                extra_rsvd: dict[str, int] | None = None, drop_rsvd: int = 0) -> "Geometry":
+        """``large`` = (2 MiB leaves allowed, 1 GiB leaves allowed); ``extra_rsvd``/``drop_rsvd`` adjust
+        the spec's masks for quirk profiles."""
+        names = SS_NAMES if stage == "ss" else FS_NAMES
+        sp = specs()
+        rt, rl, la = [0] * 6, [0] * 6, [0] * 6
+        extra = extra_rsvd or {}
+        for lvl, (tname, lname) in names.items():
+            if tname:
+                lay = sp.structure(tname)
+                rt[lvl] = (lay.reserved_mask(features, haw) | extra.get(tname, 0)) & ~drop_rsvd
+            if lname:
+                lay = sp.structure(lname)
+                rl[lvl] = (lay.reserved_mask(features, haw) | extra.get(lname, 0)) & ~drop_rsvd
+                la[lvl] = lay.field("ADDR").mask & ((1 << haw) - 1)
+        ok = (False, True, large[0], large[1], False, False)
+        return Geometry(tuple(rt), tuple(rl), tuple(la), ok)
+
+
+# Fault codes of one second-stage context: (top-level read error, lower read error, read denied,
+# write denied, reserved bits, execute denied)
+SS_CODES_LEGACY = (0x03, 0x07, 0x06, 0x05, 0x0C, 0x06)
+SS_CODES_SM = (0x7B, 0x78, 0x79, 0x79, 0x7A, 0x82)
+
+SsResult = tuple[int, int, int]
+"""(output base aligned to the leaf, log2 of the leaf size, perm: R=1 W=2 X=4, DIRTY_OK=8)"""
+DIRTY_OK = 8
+
+
+def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, root: int, levels: int,
+            iova: int, req: int, geo: Geometry, codes: tuple[int, ...], psc: dict[int, tuple[int, int]] | None,
+            psc_tag: int, psc_limit: int, trace: list[TraceEntry] | None) -> SsResult | int:
+    """Walk second-stage tables from ``root``.  ``wr`` is given when A/D updates are enabled (SSADE)."""
+    perm = 7
+    lvl = levels
+    table = root
+    if psc is not None:
+        for probe in range(2, levels + 1):
+            hit = psc.get(((psc_tag << 3 | probe) << 56) | (iova >> (3 + 9 * probe)))
+            if hit is not None:
+                table, perm = hit
+                lvl = probe - 1
+                break
+    touched: list[tuple[int, int]] | None = [] if wr is not None else None
+    while True:
+        ea = table | (((iova >> (3 + 9 * lvl)) & 0x1FF) << 3)
+        e = rd(ea)
+        if e < 0:
+            return codes[0] if lvl == levels else codes[1]
+        if trace is not None:
+            trace.append(("ss", lvl, ea, e))
+        p = e & 7
+        perm &= p
+        if not p & 3 or (req & WRITE and not perm & 2) or (req & READ and not perm & 1):
+            return codes[3] if (req & WRITE and not perm & 2) else codes[2]
+        if req & EXEC and not perm & 4:
+            return codes[5]
+        if touched is not None:
+            touched.append((ea, e))
+        if lvl == 1 or (e & 0x80 and lvl <= 3):
+            if e & geo.rsvd_leaf[lvl] or not geo.large_ok[lvl]:
+                return codes[4]
+            shift = 3 + 9 * lvl
+            dirty = DIRTY_OK
+            if touched is not None and wr is not None:
+                dirty = _set_ad(wr, touched, 0x100, 0x200 if req & WRITE else 0) and (e & 0x200 or req & WRITE) and DIRTY_OK
+            return (e & geo.leaf_addr[lvl], shift, perm | dirty)
+        if e & geo.rsvd_table[lvl]:
+            return codes[4]
+        table = e & ADDR_MASK
+        if psc is not None and psc_limit:
+            if len(psc) >= psc_limit:
+                del psc[next(iter(psc))]
+            psc[((psc_tag << 3 | lvl) << 56) | (iova >> (3 + 9 * lvl))] = (table, perm)
+        lvl -= 1
+
+
+def _set_ad(wr: Callable[[int, int], bool], touched: list[tuple[int, int]], a_bit: int, d_bit: int) -> bool:
+    """Set ``a_bit`` in every entry used and ``d_bit`` in the leaf; False if a write failed."""
+    last = len(touched) - 1
+    for i, (ea, e) in enumerate(touched):
+        want = e | a_bit | (d_bit if i == last else 0)
+        if want != e and not wr(ea, want):
+            return False
+    return True
+
+
+# First-stage request flags carried from the PASID entry
+F_SRE, F_WPE, F_NXE, F_SMEP, F_ERE, F_EAFE = 1, 2, 4, 8, 16, 32
+
+
+def fs_allowed(rw: int, us: int, xd: int, dirty: bool, flags: int) -> int:
+    """Requests a first-stage leaf (accumulated R/W, U/S, XD) allows under the PASID entry's flags."""
+    allowed = ALL_REQ
+    if not us:
+        allowed &= ~REQ_USER
+    if not rw:
+        allowed &= ~(REQ_W & REQ_USER)
+        if flags & F_WPE:
+            allowed &= ~REQ_W
+    if not flags & F_SRE:
+        allowed &= ~REQ_SUP
+    if not flags & F_ERE or (xd and flags & F_NXE):
+        allowed &= ~REQ_X
+    if us and flags & F_SMEP:
+        allowed &= ~(REQ_X & REQ_SUP)
+    if not dirty:
+        allowed &= ~REQ_W
+    return allowed
+
+
+def fs_denied_code(req: int, rw: int, us: int, xd: int, flags: int) -> int:
+    """The fault reason for a request ``fs_allowed`` refused (dirty aside): U/S, then write, then exec."""
+    if not req & PRIV and not us:
+        return 0x81
+    if req & WRITE and not rw and (not req & PRIV or flags & F_WPE):
+        return 0x85
+    return 0x82
+
+
+FsResult = tuple[int, int, int]
+"""(output base aligned to the leaf, log2 of the leaf size, allowed-request mask)"""
+
+TableXlate = Callable[[int, bool], "tuple[int, int] | int"]
+"""Nested only: (table GPA, is it the FS root) → (table HPA, second-stage perm) or a fault code."""
+
+
+def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int, levels: int, va: int,
+            req: int, geo: Geometry, flags: int, psc: dict[int, tuple[int, int, int, int]] | None,
+            psc_tag: int, psc_limit: int, trace: list[TraceEntry] | None,
+            table_xlate: TableXlate | None = None) -> FsResult | int:
+    """Walk first-stage (IA-32e) tables.  The caller has checked canonicality.  With ``table_xlate``
+    (nested) every table pointer is a GPA translated through the second stage before it is read."""
+    rw, us, xd = 1, 1, 0
+    lvl = levels
+    table = root
+    if psc is not None:
+        for probe in range(2, levels + 1):
+            hit = psc.get(((psc_tag << 3 | probe) << 56) | ((va >> (3 + 9 * probe)) & ((1 << (54 - 9 * probe)) - 1)))
+            if hit is not None:
+                table, rw, us, xd = hit
+                lvl = probe - 1
+                break
+    touched: list[tuple[int, int]] = []
+    ss_ro = False  # nested: some FS table on the walk is read-only in the second stage
+    while True:
+        idx = ((va >> (3 + 9 * lvl)) & 0x1FF) << 3
+        if table_xlate is not None:
+            t = table_xlate(table, lvl == levels)
+            if type(t) is int:
+                return t
+            ea = t[0] | idx  # type: ignore[index]
+            if not t[1] & 2:  # type: ignore[index]
+                ss_ro = True
+        else:
+            ea = table | idx
+        e = rd(ea)
+        if e < 0:
+            return 0x73 if lvl == levels else 0x70
+        if trace is not None:
+            trace.append(("fs", lvl, ea, e))
+        if not e & 1:
+            return 0x71
+        touched.append((ea, e))
+        rw &= (e >> 1) & 1
+        us &= (e >> 2) & 1
+        xd |= e >> 63
+        if lvl == 1 or (e & 0x80 and lvl <= 3):
+            if e & geo.rsvd_leaf[lvl] or not geo.large_ok[lvl]:
+                return 0x72
+            allowed = fs_allowed(rw, us, xd, True, flags)
+            if not (allowed >> req) & 1:
+                return fs_denied_code(req, rw, us, xd, flags)
+            a_bit = 0x20 | (0x400 if flags & F_EAFE else 0)
+            d_bit = 0x40 if req & WRITE else 0
+            if ss_ro and _needs_ad(touched, a_bit, d_bit):
+                # A/D updates write the FS tables through the second stage, which must allow it.
+                return 0x77
+            if not _set_ad(wr, touched, a_bit, d_bit):
+                return 0x91
+            dirty = bool(e & 0x40 or d_bit)
+            return (e & geo.leaf_addr[lvl], 3 + 9 * lvl, fs_allowed(rw, us, xd, dirty, flags))
+        if e & geo.rsvd_table[lvl]:
+            return 0x72
+        table = e & ADDR_MASK
+        if psc is not None and psc_limit:
+            if len(psc) >= psc_limit:
+                del psc[next(iter(psc))]
+            psc[((psc_tag << 3 | lvl) << 56) | ((va >> (3 + 9 * lvl)) & ((1 << (54 - 9 * lvl)) - 1))] = (table, rw, us, xd)
+        lvl -= 1
+
+
+def _needs_ad(touched: list[tuple[int, int]], a_bit: int, d_bit: int) -> bool:
+    last = len(touched) - 1
+    return any((e | a_bit | (d_bit if i == last else 0)) != e for i, (_, e) in enumerate(touched))
+
+
+def canonical(va: int, levels: int) -> bool:
+    """IA-32e canonical form: bits 63:47 (4-level) or 63:56 (5-level) all equal."""
+    top = va >> (47 if levels == 4 else 56)
+    return top == 0 or top == (1 << (17 if levels == 4 else 8)) - 1
