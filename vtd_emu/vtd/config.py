@@ -39,6 +39,9 @@ class Quirks:
     qemu_register_widths: bool = False
     qemu_fault_event_gating: bool = False
     interrupt_window_untranslated: bool = False
+    ignore_cfi: bool = False
+    rid_pasid_without_rps: bool = False
+    pgtt_walked_as_ss: bool = False
 
 
 @lru_cache(maxsize=None)

@@ -31,6 +31,10 @@ INTR_LO, INTR_HI = 0xFEE0_0000, 0xFEF0_0000
 DROPPED = -(1 << 16)
 """xlate result of a request dropped without a fault (QEMU's cached-permission quirk)."""
 
+# A fault travels as an int: reason | FPD << 8 | WALK << 9 | PASID used << 10.  WALK marks faults met
+# once the translation structures were decoded (paging faults), which is what QEMU's PP/PV quirks key on.
+_FPD_SHIFT, _WALK = 8, 1 << 9
+
 _CTX_LEGACY, _CTX_SM = 0, 1
 _TT_PT = 2
 _PGTT_FS, _PGTT_SS, _PGTT_NESTED, _PGTT_PT = 1, 2, 3, 4
@@ -41,7 +45,6 @@ _QEMU_SM_CODES: dict[int, int | None] = {
     0x46: 0x58, 0x50: 0x58, 0x51: 0x58, 0x52: 0x58, 0x58: 0x58, 0x59: 0x58, 0x5A: 0x58, 0x5B: 0x58,
     0x78: 0x07, 0x79: None, 0x7A: 0x0C, 0x7B: 0x03, 0x83: 0x04, 0x84: 0x04,
 }
-_LEGACY_PAGING_FAULTS = frozenset({0x04, 0x05, 0x06, 0x07, 0x0C, 0x0E})
 
 
 class Translation(NamedTuple):
@@ -134,6 +137,8 @@ class VtdIommu:
         self.ecap_dt = bool(cfg.ecap_field("DT"))
         self.ecap_pt = bool(cfg.ecap_field("PT"))
         self.ecap_rps = bool(cfg.ecap_field("RPS"))
+        self.ecap_ir = bool(cfg.ecap_field("IR"))
+        self.use_rid_pasid = self.ecap_rps or q.rid_pasid_without_rps
         self.ecap_srs = bool(cfg.ecap_field("SRS"))
         self.ecap_pgtt = {_PGTT_FS: bool(cfg.ecap_field("FLTS")), _PGTT_SS: bool(cfg.ecap_field("SLTS")),
                           _PGTT_NESTED: bool(cfg.ecap_field("NEST")), _PGTT_PT: self.ecap_pt}
@@ -156,7 +161,13 @@ class VtdIommu:
         self.lctx = {n: lc.field(n) for n in ("P", "FPD", "TT", "SLPTPTR", "AW", "DID")}
         sr, sc = sp.structure("sm_root_entry"), sp.structure("sm_context_entry")
         self.sroot_rsvd = sr.qword_masks(sr.reserved_mask(frozenset(), haw))
-        self.sctx_rsvd = sc.qword_masks(sc.reserved_mask(frozenset(), haw))
+        sc_feat = {n for n in ("RPS", "RPRIVS") if cfg.ecap_field(n)}
+        if q.qemu_reserved_bits:
+            above_haw = ~((1 << haw) - 1) & ((1 << 64) - 1)
+            self.sctx_rsvd = ((0xF << 5) | above_haw, ~((1 << 21) - 1) & ((1 << 64) - 1), (1 << 64) - 1, (1 << 64) - 1)
+        else:
+            self.sctx_rsvd = sc.qword_masks(sc.reserved_mask(frozenset(sc_feat), haw))
+        self.enforce_pdts = not q.qemu_reserved_bits
         self.sctx = {n: sc.field(n) for n in ("FPD", "DTE", "PASIDE", "PRE", "PDTS", "PASIDDIRPTR",
                                               "RID_PASID", "RID_PRIV")}
         pd, pe = sp.structure("pasid_dir_entry"), sp.structure("pasid_entry")
@@ -196,9 +207,9 @@ class VtdIommu:
             self._latch_root()
         if changed & QIE:
             self._set_qie(bool(value & QIE))
-        if changed & IRE:
+        if changed & IRE and self.ecap_ir:
             self._set_status(IRE, bool(value & IRE))
-        if changed & CFI:
+        if changed & CFI and not self.quirks.ignore_cfi:
             self._set_status(CFI, bool(value & CFI))
         if changed & EAFL and self.cfg.cap_field("AFL"):
             self._set_status(EAFL, bool(value & EAFL))
@@ -256,10 +267,11 @@ class VtdIommu:
             return
         if self.regs.get("GSTS") & QIE:
             return  # register-based invalidation is ignored while queued invalidation is on
-        cirg = (new >> 61) & 3
-        did = new & 0xFFFF
-        sid = (new >> 16) & 0xFFFF
-        fm = (new >> 32) & 3
+        v = (new & ~wmask) | (value & wmask)  # write-only fields are only in what was written
+        cirg = (v >> 61) & 3
+        did = v & 0xFFFF
+        sid = (v >> 16) & 0xFFFF
+        fm = (v >> 32) & 3
         caig = self.invalidate_context(cirg, did, sid, fm)
         self.regs.set("CCMD", (new & ~icc & ~(3 << 59)) | (caig << 59))
 
@@ -393,22 +405,22 @@ class VtdIommu:
                 hitr = self._probe_iotlb(tag, 0, iova, req)
                 if hitr is not None:
                     return hitr
+            finfo = fpd << 8 | _WALK
             if iova >> min(9 * levels + 12, self.mgaw + 1):
-                return 0x04 | fpd << 8
+                return 0x04 | finfo
             st.iotlb_misses += 1
             st.walks += 1
             rd = self.mem.read_u64
             res = ss_walk(rd, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY,
                           c.psc_ss if c.psc_size else None, did, c.psc_size, None)
             if type(res) is int:
-                return res | fpd << 8  # type: ignore[operator]
+                return res | finfo  # type: ignore[operator]
             base, shift, perm = res  # type: ignore[misc]
-            return self._fill(tag, 0, did, KIND_SS, iova, base, shift, ss_allowed(perm & 7), fpd, False)
+            return self._fill(tag, 0, did, KIND_SS, iova, base, shift, ss_allowed(perm & 7), finfo, False)
         # scalable mode
         _, cfpd, pdir, pdts, rid_pasid, pre, paside, dte, rid_priv = ctx  # type: ignore[misc]
-        rinfo = (rid_pasid << 1 | 1) << 9
         if ptag == NO_PASID:
-            pasid = rid_pasid if self.ecap_rps else 0
+            pasid = rid_pasid if self.use_rid_pasid else 0
         else:
             if not paside:
                 return 0x45 | cfpd << 8
@@ -418,13 +430,13 @@ class VtdIommu:
             st.pasid_misses += 1
             pe = self._load_pasid(pdir, pdts, cfpd, pasid)
             if type(pe) is int:
-                return pe | rinfo  # type: ignore[operator]
+                return pe  # type: ignore[return-value]
             if not q.pasid_entry_uncached:
                 c.put_pasid(sid, pasid, pe)  # type: ignore[arg-type]
         else:
             st.pasid_hits += 1
         did, pgtt, ss_levels, ssptptr, fs_levels, fsptptr, fpd, flags, ssade, ssee = pe  # type: ignore[misc]
-        fpd_info = fpd << 8 | rinfo
+        fpd_info = fpd << 8 | _WALK | pasid << 10
         if req & PRIV and not flags & F_SRE:
             return 0x5D | fpd_info
         if req & EXEC and pgtt in (_PGTT_FS, _PGTT_NESTED) and not flags & F_ERE:
@@ -456,7 +468,7 @@ class VtdIommu:
             allowed = ss_allowed(perm & 7)
             if not perm & DIRTY_OK:
                 allowed &= ~0xCCCC  # writes must walk again to set D
-            return self._fill(tag, pasid, did, KIND_SS, iova, base, shift, allowed, fpd, True)
+            return self._fill(tag, pasid, did, KIND_SS, iova, base, shift, allowed, fpd_info, True)
         # first stage or nested
         if not canonical(iova, fs_levels):
             return 0x80 | fpd_info
@@ -466,7 +478,7 @@ class VtdIommu:
             if type(res) is int:
                 return res | fpd_info  # type: ignore[operator]
             base, shift, allowed = res  # type: ignore[misc]
-            return self._fill(tag, pasid, did, KIND_FS, iova, base, shift, allowed, fpd, True)
+            return self._fill(tag, pasid, did, KIND_FS, iova, base, shift, allowed, fpd_info, True)
         return self._nested(tag, pasid, did, iova, req, pe, fpd_info, None)  # type: ignore[arg-type]
 
     def _nested(self, tag: int, pasid: int, did: int, iova: int, req: int, pe: tuple[int, ...], fpd_info: int,
@@ -510,7 +522,7 @@ class VtdIommu:
         if trace is not None:
             return [base, (1 << shift) - 1, allowed, 0, did, pasid, KIND_NESTED, iova & ~((1 << shift) - 1), shift], \
                 base | (iova & ((1 << shift) - 1))
-        return self._fill(tag, pasid, did, KIND_NESTED, iova, base, shift, allowed, fpd, True)
+        return self._fill(tag, pasid, did, KIND_NESTED, iova, base, shift, allowed, fpd_info, True)
 
     def _probe_iotlb(self, tag: int, pasid: int, iova: int, req: int) -> "tuple[list[int], int] | int | None":
         iotlb = self.caches.iotlb
@@ -538,14 +550,14 @@ class VtdIommu:
         return e, iova
 
     def _fill(self, tag: int, pasid: int, did: int, kind: int, iova: int, base: int, shift: int, allowed: int,
-              fpd: int, sm: bool) -> "tuple[list[int], int] | int":
+              finfo: int, sm: bool) -> "tuple[list[int], int] | int":
         mask = (1 << shift) - 1
         out = base | (iova & mask)
         # Interrupt-address range: never translated to; such a leaf is not cached so every access is checked.
         if base < INTR_HI and base + mask >= INTR_LO:
             if self.quirks.intr_range_whole_leaf or INTR_LO <= (out & ~0xFFF) < INTR_HI:
                 code = 0x87 if (sm or (self.quirks.intr_range_whole_leaf and self.scalable_unit)) else 0x0E
-                return code | fpd << 8
+                return code | finfo
             return [base, mask, allowed, 0, did, pasid, kind, iova & ~mask, shift], out
         e = [base, mask, allowed, 1, did, pasid, kind, iova & ~mask, shift]
         if self.cfg.iotlb_size:
@@ -566,12 +578,13 @@ class VtdIommu:
             return -reason
         pasid: int | None = None if ptag == NO_PASID else ptag
         pv: int | None = None
-        if q.sm_fault_pp_rid_pasid and self.root_scalable and ptag == NO_PASID and f >> 9:
+        walk = f & _WALK
+        if q.sm_fault_pp_rid_pasid and self.root_scalable and ptag == NO_PASID and walk:
             pasid = (f >> 10) & 0xFFFFF
         if q.fault_pv_16bit:
             if pasid is not None:
                 pv = pasid & 0xFFFF
-            elif not self.root_scalable and reason in _LEGACY_PAGING_FAULTS:
+            elif not self.root_scalable and walk:
                 pv = 0xFFFF
         self.faults.record(sid, iova, reason, bool(req & WRITE) and not req & READ, pasid,
                            bool(req & PRIV), bool(req & EXEC), pv)
@@ -641,7 +654,7 @@ class VtdIommu:
                     trace: list | None = None) -> "tuple[int, ...] | int":
         rd = self.mem.read_u64
         didx = pasid >> 6
-        if didx >= 1 << (pdts + 7):
+        if didx >= 1 << (pdts + 7) and self.enforce_pdts:
             return 0x46 | fpd << 8
         da = pdir + didx * 8
         de = rd(da)
@@ -668,6 +681,8 @@ class VtdIommu:
         f = self.pe
         v = qs[0] | qs[1] << 64 | qs[2] << 128
         pgtt = f["PGTT"].get(v)
+        if self.quirks.pgtt_walked_as_ss and pgtt in (_PGTT_FS, _PGTT_NESTED):
+            pgtt = _PGTT_SS
         if not self.ecap_pgtt.get(pgtt, False):
             return 0x5B | fpd << 8
         aw = f["AW"].get(v)

@@ -69,6 +69,16 @@ class RegisterFile:
             rw = rw1c = wo = ro = 0
         elif reg.name == "RTADDR" and not self.cfg.scalable:
             rw &= ~reg.field("TTM").mask
+        if self.cfg.quirks.qemu_register_widths:
+            # QEMU keeps 32 bits of IEDATA and no upper MSI address.
+            if reg.name == "IEDATA":
+                rw |= 0xFFFF_FFFF
+            elif reg.name in ("FEUADDR", "IEUADDR"):
+                rw = ro = 0
+            elif reg.name == "CCMD":
+                sid_fm = reg.field("SID").mask | reg.field("FM").mask
+                rw &= ~sid_fm
+                wo |= sid_fm
         return RegSlot(reg.name, index, offset, reg.size_bits, rw, rw1c, wo, ro | rw | rw1c)
 
     def _register_implemented(self, name: str) -> bool:
@@ -85,8 +95,6 @@ class RegisterFile:
             return bool(cfg.ecap_field("PRS"))
         if name in ("IQH", "IQT", "IQA", "ICS", "IECTL", "IEDATA", "IEADDR", "IEUADDR", "IQERCD"):
             return bool(cfg.ecap_field("QI"))
-        if name == "IRTA":
-            return bool(cfg.ecap_field("IR"))
         if name == "AFLOG":
             return bool(cfg.cap_field("AFL"))
         return True
