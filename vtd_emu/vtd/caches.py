@@ -12,6 +12,7 @@ that a memo entry could depend on, so an IOTLB hit costs one dict probe.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .access import NO_PASID
@@ -66,13 +67,15 @@ class Caches:
         self.flush_when_full = flush_when_full
         self.psi_mask_bits = psi_mask_bits
         self.front: dict[int, tuple[int, list[int]]] = {}
-        self.context: dict[int, tuple[int, ...]] = {}
-        self.pasid: dict[tuple[int, int], tuple[int, ...]] = {}
-        self.iotlb: dict[int, list[int]] = {}
+        # OrderedDict: FIFO eviction with popitem(last=False) is O(1); next(iter(dict)) after many
+        # deletions is not.
+        self.context: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self.pasid: OrderedDict[tuple[int, int], tuple[int, ...]] = OrderedDict()
+        self.iotlb: OrderedDict[int, list[int]] = OrderedDict()
         # Paging-structure caches, filled by the walkers (walk.py) under packed keys
         # ((tag << 3 | level) << 56 | region); tag = DID (second stage) or DID << 20 | PASID (first stage).
-        self.psc_ss: dict[int, tuple[int, int]] = {}
-        self.psc_fs: dict[int, tuple[int, int, int, int]] = {}
+        self.psc_ss: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self.psc_fs: OrderedDict[int, tuple[int, int, int, int]] = OrderedDict()
         self.stats = CacheStats()
 
     # -- fills -----------------------------------------------------------------------------------
@@ -80,7 +83,7 @@ class Caches:
         if self.context_size == 0:
             return
         if len(self.context) >= self.context_size:
-            del self.context[next(iter(self.context))]
+            self.context.popitem(last=False)
             self.front.clear()
         self.context[sid] = ctx
 
@@ -88,7 +91,7 @@ class Caches:
         if self.pasid_size == 0:
             return
         if len(self.pasid) >= self.pasid_size:
-            del self.pasid[next(iter(self.pasid))]
+            self.pasid.popitem(last=False)
             self.front.clear()
         self.pasid[(sid, pasid)] = pe
 
@@ -100,8 +103,7 @@ class Caches:
             if self.flush_when_full:
                 self._kill_all()
             else:
-                old = iotlb.pop(next(iter(iotlb)))
-                old[E_ALIVE] = 0
+                iotlb.popitem(last=False)[1][E_ALIVE] = 0
         prev = iotlb.get(key)
         if prev is not None:
             prev[E_ALIVE] = 0

@@ -108,7 +108,7 @@ def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, roo
         table = e & ADDR_MASK
         if psc is not None and psc_limit:
             if len(psc) >= psc_limit:
-                del psc[next(iter(psc))]
+                psc.popitem(last=False)  # type: ignore[attr-defined]
             psc[((psc_tag << 3 | lvl) << 56) | (iova >> (3 + 9 * lvl))] = (table, perm)
         lvl -= 1
 
@@ -223,7 +223,7 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
         table = e & ADDR_MASK
         if psc is not None and psc_limit:
             if len(psc) >= psc_limit:
-                del psc[next(iter(psc))]
+                psc.popitem(last=False)  # type: ignore[attr-defined]
             psc[((psc_tag << 3 | lvl) << 56) | ((va >> (3 + 9 * lvl)) & ((1 << (54 - 9 * lvl)) - 1))] = (table, rw, us, xd)
         lvl -= 1
 
