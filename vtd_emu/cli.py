@@ -1,10 +1,291 @@
-"""The ``vtd-emu`` command."""
+"""The ``vtd-emu`` command.  Bad input (files, arguments) prints one line and exits 2."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from .errors import VtdEmuError
+from .memory import HostRAM
+from .spec import specs
+from .vtd.access import EXEC, PRIV, READ, WRITE
+from .vtd.config import VtdConfig, preset_names, profile_names
+from .vtd.dump import Leaves, leaves, merge, perm_text
+from .vtd.faults import reason_name
+from .vtd.iommu import Fault, VtdIommu
+from .vtd.walk import FS_NAMES, SS_CODES_SM, SS_NAMES, Geometry, canonical, fs_walk, ss_walk
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("vtd-emu: no command yet", file=sys.stderr)
-    return 2
+class UsageError(VtdEmuError, ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors become one line (the command's name and what was wrong), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _num(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 0x1000 or 4096, got {text!r}") from None
+
+
+def _load_ram(args: argparse.Namespace) -> HostRAM:
+    from .ramimage import load_ram_image
+
+    return load_ram_image(args.ram, base=args.ram_base, size=args.ram_size)
+
+
+def _config(args: argparse.Namespace) -> VtdConfig:
+    return VtdConfig.preset(args.preset, profile=args.profile)
+
+
+def _entry_layout(stage: str, level: int, value: int) -> str:
+    names = SS_NAMES if stage == "ss" else FS_NAMES
+    table, leaf = names[level]
+    is_leaf = level == 1 or (level <= 3 and value & 0x80)
+    return (leaf if is_leaf else table) or table or leaf or ""
+
+
+def _describe_step(name: str, level: int, addr: int, value: int | tuple[int, ...]) -> str:
+    if name in ("ss", "fs"):
+        assert isinstance(value, int)
+        lay = _entry_layout(name, level, value)
+        return f"  {lay:<22} L{level} @ {addr:#014x} = {value:#018x}  {specs().structure(lay).format(value)}"
+    lay = specs().structure(name)
+    if isinstance(value, tuple):
+        whole = sum((q & ((1 << 64) - 1)) << (64 * i) for i, q in enumerate(value))
+        if min(value) < 0:
+            return f"  {name:<22}    @ {addr:#014x} = <not memory>"
+        qs = " ".join(f"{q:#018x}" for q in value)
+        return f"  {name:<22}    @ {addr:#014x} = {qs}\n{'':28}{lay.format(whole)}"
+    if value < 0:
+        return f"  {name:<22}    @ {addr:#014x} = <not memory>"
+    return f"  {name:<22}    @ {addr:#014x} = {value:#018x}  {lay.format(value)}"
+
+
+def _req(access: str, priv: bool, exe: bool) -> int:
+    bits = (READ if "r" in access else 0) | (WRITE if "w" in access else 0)
+    if set(access) - set("rw") or not bits:
+        raise UsageError(f"--access must be r, w or rw, got {access!r}")
+    return bits | (PRIV if priv else 0) | (EXEC if exe else 0)
+
+
+def cmd_walk(args: argparse.Namespace, out: TextIO) -> int:
+    ram = _load_ram(args)
+    cfg = _config(args)
+    req = _req(args.access, args.priv, args.exe)
+    if args.rtaddr is not None:
+        if args.sid is None:
+            raise UsageError("--rtaddr needs --sid")
+        io = VtdIommu(ram, cfg)
+        io.mmio_write(0x20, args.rtaddr | (1 << 10 if args.scalable else 0), 8)
+        io.mmio_write(0x18, 1 << 30)
+        io.mmio_write(0x18, 1 << 31)
+        rep = io.walk(args.sid, args.iova, args.access, pasid=args.pasid, priv=args.priv, exe=args.exe)
+        print(f"walk sid {args.sid:#06x} pasid {args.pasid if args.pasid is not None else '-'} iova {args.iova:#x} "
+              f"({args.access}) root {args.rtaddr:#x} {'scalable' if args.scalable else 'legacy'}", file=out)
+        for step in rep.steps:
+            print(_describe_step(*step), file=out)
+        res = rep.result
+    else:
+        root, stage = (args.fs_root, "fs") if args.fs_root is not None else (args.ss_root, "ss")
+        if root is None:
+            raise UsageError("give --rtaddr with --sid, or a bare table with --fs-root or --ss-root")
+        levels = args.levels or 4
+        steps: list[Any] = []
+        if stage == "fs":
+            if levels not in (4, 5):
+                raise UsageError("--levels for a first-stage table is 4 or 5")
+            geo = Geometry.compile("fs", frozenset(), cfg.haw, (True, True))
+            if not canonical(args.iova, levels):
+                r: Any = 0x80
+            else:
+                r = fs_walk(ram.read_u64, lambda a, v: True, root, levels, args.iova, req, geo, 0x3F, None, 0, 0,
+                            steps)
+        else:
+            if levels not in (2, 3, 4, 5):
+                raise UsageError("--levels for a second-stage table is 2 to 5")
+            geo = Geometry.compile("ss", frozenset({"SC"}), cfg.haw, (True, True))
+            r = ss_walk(ram.read_u64, None, root, levels, args.iova, req, geo, SS_CODES_SM, None, 0, 0, steps)
+        print(f"walk {stage} table {root:#x} ({levels} levels) iova {args.iova:#x} ({args.access})", file=out)
+        for step in steps:
+            print(_describe_step(*step), file=out)
+        if isinstance(r, int):
+            res = Fault(r, reason_name(r), args.iova, False)
+        else:
+            base, shift, _ = r
+            res = (base | (args.iova & ((1 << shift) - 1)), 1 << shift)
+    if isinstance(res, Fault):
+        print(f"result: fault {res.reason:#x} {res.name}", file=out)
+        return 1
+    if isinstance(res, tuple) and not hasattr(res, "kind"):
+        print(f"result: {res[0]:#x} (page {res[1]:#x})", file=out)
+    else:
+        print(f"result: {res.addr:#x} (page {res.page_size:#x}, {res.perms}, {res.kind})", file=out)  # type: ignore[union-attr]
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace, out: TextIO) -> int:
+    ram = _load_ram(args)
+    cfg = _config(args)
+    if args.fs_root is not None:
+        stage, root, levels = "fs", args.fs_root, args.levels or 4
+    elif args.ss_root is not None:
+        stage, root, levels = "ss", args.ss_root, args.levels or 4
+    elif args.rtaddr is not None and args.sid is not None:
+        stage, root, levels = _device_root(ram, cfg, args)
+    else:
+        raise UsageError("give --fs-root, --ss-root, or --rtaddr with --sid")
+    geo = Geometry.compile(stage, frozenset({"SC", "TM"}) if stage == "ss" else frozenset(), cfg.haw, (True, True))
+    lv = leaves(ram, root, levels, stage, geo)
+    _print_mappings(lv, stage, args.format, args.leaves, out)
+    return 0
+
+
+def _device_root(ram: HostRAM, cfg: VtdConfig, args: argparse.Namespace) -> tuple[str, int, int]:
+    io = VtdIommu(ram, cfg)
+    io.mmio_write(0x20, args.rtaddr | (1 << 10 if args.scalable else 0), 8)
+    io.mmio_write(0x18, 1 << 30)
+    ctx = io._load_context(args.sid)
+    if isinstance(ctx, int):
+        raise UsageError(f"sid {args.sid:#x}: context lookup faults with {ctx & 0xFF:#x} {reason_name(ctx & 0xFF)}")
+    if ctx[0] == 0:
+        if ctx[2] == 2:
+            raise UsageError(f"sid {args.sid:#x} is pass-through: every address maps to itself")
+        return "ss", ctx[4], ctx[3]
+    pasid = args.pasid if args.pasid is not None else ctx[4]
+    pe = io._load_pasid(ctx[2], ctx[3], ctx[1], pasid)
+    if isinstance(pe, int):
+        raise UsageError(f"sid {args.sid:#x} pasid {pasid:#x}: PASID lookup faults with {pe & 0xFF:#x} "
+                         f"{reason_name(pe & 0xFF)}")
+    pgtt = pe[1]
+    if pgtt == 2:
+        return "ss", pe[3], pe[2]
+    if pgtt == 1:
+        return "fs", pe[5], pe[4]
+    if pgtt == 3:
+        raise UsageError("nested PASID entry: dump its stages separately with --fs-root (a GPA) and --ss-root")
+    raise UsageError(f"PASID entry {pasid:#x} is pass-through: every address maps to itself")
+
+
+def _print_mappings(lv: Leaves, stage: str, fmt: str, as_leaves: bool, out: TextIO) -> None:
+    if as_leaves:
+        rows: list[tuple[int, int, int, int, int, bool]] = [(va, pa, sz, sz, p, r) for va, pa, sz, p, r in lv.rows()]
+    else:
+        rows = [(r.va, r.pa, r.length, r.page_size, r.perm, r.rsvd) for r in merge(lv)]
+    write = out.write
+    if fmt == "json":
+        for va, pa, length, ps, perm, rsvd in rows:
+            write(json.dumps({"iova": hex(va), "addr": hex(pa), "length": length, "page_size": ps,
+                              "perm": perm_text(perm, stage), **({"reserved_bits": True} if rsvd else {})}) + "\n")
+        return
+    write(f"{'input':>18}  {'output':>18}  {'length':>12}  {'page':>6}  perm\n")
+    names = {4096: "4K", 2 << 20: "2M", 1 << 30: "1G", 512 << 30: "512G"}
+    for va, pa, length, ps, perm, rsvd in rows:
+        write(f"{va:#018x}  {pa:#018x}  {length:#12x}  {names.get(ps, hex(ps)):>6}  {perm_text(perm, stage)}"
+              f"{'  RESERVED-BITS' if rsvd else ''}\n")
+    write(f"# {len(lv)} leaves, {len(rows)} {'leaves' if as_leaves else 'ranges'}, "
+          f"{int(lv.size.sum()) if len(lv) else 0:#x} bytes mapped\n")
+
+
+def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
+    from .trace.oracle import run_file
+
+    total = events = bad = 0
+    summary = []
+    for path in args.files:
+        for res in run_file(path, profile=args.profile):
+            total += 1
+            events += res.steps
+            if res.skipped:
+                summary.append({"id": res.id, "skipped": res.skipped})
+                continue
+            bad += len(res.mismatches)
+            if args.check:
+                for m in res.mismatches:
+                    print(f"{path}: {m}", file=out)
+            summary.append({"id": res.id, "steps": res.steps, "checks": res.checks,
+                            "mismatches": len(res.mismatches)})
+    if args.json:
+        print(json.dumps({"scenarios": total, "events": events, "mismatches": bad, "results": summary}), file=out)
+    print(f"checked: {total} scenarios, {events} events, {bad} mismatches", file=out)
+    return 1 if (args.check and bad) else 0
+
+
+def _ram_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ram", required=True, help="RAM image: raw (offset = physical address) or .zst")
+    p.add_argument("--ram-base", type=_num, default=0, help="physical address of the image's first byte")
+    p.add_argument("--ram-size", type=_num, default=None, help="memory size; addresses beyond are not memory")
+    p.add_argument("--preset", default="modern", choices=preset_names())
+    p.add_argument("--profile", default="spec", choices=profile_names())
+
+
+def _where_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rtaddr", type=_num, help="root table address (as in RTADDR)")
+    p.add_argument("--scalable", action="store_true", help="the root table is a scalable-mode one")
+    p.add_argument("--sid", type=_num, help="requester id (bus << 8 | dev << 3 | fn)")
+    p.add_argument("--pasid", type=_num, help="PASID of the request")
+    p.add_argument("--fs-root", type=_num, help="a bare first-stage table (like a CR3)")
+    p.add_argument("--ss-root", type=_num, help="a bare second-stage table")
+    p.add_argument("--levels", type=int, help="paging levels of a bare table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="vtd-emu", description="Intel VT-d (IOMMU) emulator")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    w = sub.add_parser("walk", help="show every structure and entry one translation touches")
+    _ram_args(w)
+    _where_args(w)
+    w.add_argument("--iova", type=_num, required=True)
+    w.add_argument("--access", default="r", help="r, w or rw")
+    w.add_argument("--priv", action="store_true", help="supervisor request")
+    w.add_argument("--exe", action="store_true", help="execute request")
+    w.set_defaults(func=cmd_walk)
+    d = sub.add_parser("dump", help="list every mapping of a table or of one device/PASID")
+    _ram_args(d)
+    _where_args(d)
+    d.add_argument("--format", choices=("text", "json"), default="text")
+    d.add_argument("--leaves", action="store_true", help="one row per leaf instead of merged ranges")
+    d.add_argument("-o", "--output", help="write to this file instead of standard output")
+    d.set_defaults(func=cmd_dump)
+    r = sub.add_parser("replay", help="replay traces or QEMU reference scenarios")
+    r.add_argument("files", nargs="+")
+    r.add_argument("--check", action="store_true", help="compare every expectation; exit 1 on a mismatch")
+    r.add_argument("--profile", default="qemu-7.2", choices=profile_names())
+    r.add_argument("--json", action="store_true", help="print a JSON summary")
+    r.set_defaults(func=cmd_replay)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as exc:
+        print(f"vtd-emu: {exc}" if not str(exc).startswith("vtd-emu") else str(exc), file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    func: Callable[[argparse.Namespace, TextIO], int] = args.func
+    try:
+        output = getattr(args, "output", None)
+        if output:
+            with Path(output).open("w") as fh:
+                return func(args, fh)
+        return func(args, sys.stdout)
+    except VtdEmuError as exc:
+        print(f"vtd-emu: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"vtd-emu: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
