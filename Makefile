@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/vtd-emu replay --check traces/legacy-dma.yaml
+	$(BIN)/vtd-emu replay --check traces/qemu-7.2/*.jsonl
 
 # pytest exits 5 when it collects no test; that is not a failure of the tree.
 test: $(STAMP)
