@@ -7,11 +7,11 @@ chain.  Faults travel as negative ints and are recorded (or suppressed by FPD) h
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from ..memory import Memory
 from ..spec import specs
-from .access import EXEC, NO_PASID, PRIV, READ, WRITE, describe, ss_allowed
+from .access import EXEC, NO_PASID, PRIV, READ, REQ_W, REQ_X, WRITE, describe, ss_allowed
 from .caches import (E_ALIVE, E_ALLOWED, E_KIND, E_SHIFT, KIND_FS, KIND_NAMES, KIND_NESTED, KIND_PT, KIND_SS,
                      Caches, iotlb_key)
 from .config import VtdConfig
@@ -108,6 +108,8 @@ class VtdIommu:
         self.caches = Caches(iotlb_size=cfg.iotlb_size, context_size=cfg.context_cache_size,
                              pasid_size=cfg.pasid_cache_size, psc_size=0 if q.no_psc else cfg.psc_size,
                              flush_when_full=q.iotlb_capacity_flush, psi_mask_bits=8 if q.psi_mask_8bit else None)
+        # The front memo dict is only ever cleared, never replaced: bind its get once for the hot path.
+        self._front_get = self.caches.front.get
         self.suppressed = 0
         self._pt_bypass: set[int] = set()
         self._iva = 0
@@ -351,7 +353,7 @@ class VtdIommu:
     # -- translation: hot path -------------------------------------------------------------------
     def xlate(self, sid: int, ptag: int, iova: int, req: int) -> int:
         """Output address (>= 0), ``-reason`` for a fault (already recorded or suppressed), or DROPPED."""
-        hit = self.caches.front.get((((sid << 21) | ptag) << 52) | (iova >> 12))
+        hit = self._front_get((((sid << 21) | ptag) << 52) | (iova >> 12))
         if hit is not None:
             e = hit[1]
             if e[3] and (e[2] >> req) & 1:
@@ -374,49 +376,54 @@ class VtdIommu:
             c.put_front((((sid << 21) | ptag) << 52) | (iova >> 12), out & ~0xFFF, e)
         return out
 
-    def _lookup(self, sid: int, ptag: int, iova: int, req: int) -> "tuple[list[int], int] | int":
-        """(IOTLB entry, output address) or a fault int: reason | FPD << 8 | RID_PASID info << 9."""
+    def _lookup(self, sid: int, ptag: int, iova: int, req: int,
+                trace: list | None = None) -> "tuple[list[int], int] | int":
+        """(IOTLB entry, output address) or a fault int (see _FPD_SHIFT).  With ``trace`` (inspection) every
+        cache is bypassed and left untouched, and each structure read is appended to ``trace``."""
         c = self.caches
         q = self.quirks
         st = c.stats
-        if q.iotlb_before_context and not self.root_scalable:
+        cached = trace is None
+        if cached and q.iotlb_before_context and not self.root_scalable:
             hitr = self._probe_iotlb(sid, 0, iova, req)
             if hitr is not None:
                 return hitr
-        ctx = c.context.get(sid)
+        ctx = c.context.get(sid) if cached else None
         if ctx is None:
-            st.context_misses += 1
-            ctx = self._load_context(sid)
+            ctx = self._load_context(sid, trace)
             if type(ctx) is int:
                 return ctx  # type: ignore[return-value]
-            c.put_context(sid, ctx)  # type: ignore[arg-type]
+            if cached:
+                st.context_misses += 1
+                c.put_context(sid, ctx)  # type: ignore[arg-type]
         else:
             st.context_hits += 1
+        psc_ss = c.psc_ss if (cached and c.psc_size) else None
         if ctx[0] == _CTX_LEGACY:  # type: ignore[index]
             _, did, tt, levels, slptptr, fpd = ctx  # type: ignore[misc]
             if ptag != NO_PASID:
                 return 0x31
             tag = sid if q.iotlb_before_context else did
             if tt == _TT_PT:
-                if q.pt_fast_path:
+                if q.pt_fast_path and cached:
                     self._pt_bypass.add(sid)
-                return self._pt_entry(tag, 0, iova, did)
-            if not q.iotlb_before_context:
+                return self._pt_entry(tag, 0, iova, did, cached)
+            if cached and not q.iotlb_before_context:
                 hitr = self._probe_iotlb(tag, 0, iova, req)
                 if hitr is not None:
                     return hitr
             finfo = fpd << 8 | _WALK
             if iova >> min(9 * levels + 12, self.mgaw + 1):
                 return 0x04 | finfo
-            st.iotlb_misses += 1
-            st.walks += 1
-            rd = self.mem.read_u64
-            res = ss_walk(rd, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY,
-                          c.psc_ss if c.psc_size else None, did, c.psc_size, None)
+            if cached:
+                st.iotlb_misses += 1
+                st.walks += 1
+            res = ss_walk(self.mem.read_u64, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY,
+                          psc_ss, did, c.psc_size, trace)
             if type(res) is int:
                 return res | finfo  # type: ignore[operator]
             base, shift, perm = res  # type: ignore[misc]
-            return self._fill(tag, 0, did, KIND_SS, iova, base, shift, ss_allowed(perm & 7), finfo, False)
+            return self._fill(tag, 0, did, KIND_SS, iova, base, shift, ss_allowed(perm & 7), finfo, False, cached)
         # scalable mode
         _, cfpd, pdir, pdts, rid_pasid, pre, paside, dte, rid_priv = ctx  # type: ignore[misc]
         if ptag == NO_PASID:
@@ -425,14 +432,15 @@ class VtdIommu:
             if not paside:
                 return 0x45 | cfpd << 8
             pasid = ptag
-        pe = None if q.pasid_entry_uncached else c.pasid.get((sid, pasid))
+        pe = c.pasid.get((sid, pasid)) if (cached and not q.pasid_entry_uncached) else None
         if pe is None:
-            st.pasid_misses += 1
-            pe = self._load_pasid(pdir, pdts, cfpd, pasid)
+            pe = self._load_pasid(pdir, pdts, cfpd, pasid, trace)
             if type(pe) is int:
                 return pe  # type: ignore[return-value]
-            if not q.pasid_entry_uncached:
-                c.put_pasid(sid, pasid, pe)  # type: ignore[arg-type]
+            if cached:
+                st.pasid_misses += 1
+                if not q.pasid_entry_uncached:
+                    c.put_pasid(sid, pasid, pe)  # type: ignore[arg-type]
         else:
             st.pasid_hits += 1
         did, pgtt, ss_levels, ssptptr, fs_levels, fsptptr, fpd, flags, ssade, ssee = pe  # type: ignore[misc]
@@ -442,15 +450,17 @@ class VtdIommu:
         if req & EXEC and pgtt in (_PGTT_FS, _PGTT_NESTED) and not flags & F_ERE:
             return 0x5C | fpd_info
         tag = sid if q.iotlb_before_context else did
-        hitr = self._probe_iotlb(tag, pasid, iova, req)
-        if hitr is not None:
-            return hitr
+        if cached:
+            hitr = self._probe_iotlb(tag, pasid, iova, req)
+            if hitr is not None:
+                return hitr
         if pgtt == _PGTT_PT:
             if iova >> self.haw:
                 return 0x83 | fpd_info
-            return self._pt_entry(tag, pasid, iova, did)
-        st.iotlb_misses += 1
-        st.walks += 1
+            return self._pt_entry(tag, pasid, iova, did, cached)
+        if cached:
+            st.iotlb_misses += 1
+            st.walks += 1
         rd = self.mem.read_u64
         wr = self.mem.write_u64
         if pgtt == _PGTT_SS:
@@ -461,25 +471,27 @@ class VtdIommu:
             if req & EXEC and not ssee:
                 return 0x82 | fpd_info
             res = ss_walk(rd, wr if ssade else None, ssptptr, ss_levels, iova, req, self.ss_geo, self.ss_codes_sm,
-                          c.psc_ss if c.psc_size else None, did, c.psc_size, None)
+                          psc_ss, did, c.psc_size, trace)
             if type(res) is int:
                 return res | fpd_info  # type: ignore[operator]
             base, shift, perm = res  # type: ignore[misc]
             allowed = ss_allowed(perm & 7)
+            if not ssee:
+                allowed &= ~REQ_X  # execute needs SSEE whatever the X bits say
             if not perm & DIRTY_OK:
-                allowed &= ~0xCCCC  # writes must walk again to set D
-            return self._fill(tag, pasid, did, KIND_SS, iova, base, shift, allowed, fpd_info, True)
+                allowed &= ~REQ_W  # writes must walk again to set D
+            return self._fill(tag, pasid, did, KIND_SS, iova, base, shift, allowed, fpd_info, True, cached)
         # first stage or nested
         if not canonical(iova, fs_levels):
             return 0x80 | fpd_info
         if pgtt == _PGTT_FS:
             res = fs_walk(rd, wr, fsptptr, fs_levels, iova, req, self.fs_geo, flags,
-                          c.psc_fs if c.psc_size else None, did << 20 | pasid, c.psc_size, None)
+                          c.psc_fs if (cached and c.psc_size) else None, did << 20 | pasid, c.psc_size, trace)
             if type(res) is int:
                 return res | fpd_info  # type: ignore[operator]
             base, shift, allowed = res  # type: ignore[misc]
-            return self._fill(tag, pasid, did, KIND_FS, iova, base, shift, allowed, fpd_info, True)
-        return self._nested(tag, pasid, did, iova, req, pe, fpd_info, None)  # type: ignore[arg-type]
+            return self._fill(tag, pasid, did, KIND_FS, iova, base, shift, allowed, fpd_info, True, cached)
+        return self._nested(tag, pasid, did, iova, req, pe, fpd_info, trace)  # type: ignore[arg-type]
 
     def _nested(self, tag: int, pasid: int, did: int, iova: int, req: int, pe: tuple[int, ...], fpd_info: int,
                 trace: list[TraceEntry] | None) -> "tuple[list[int], int] | int":
@@ -517,12 +529,9 @@ class VtdIommu:
         hpa = ss_base | (gpa & ((1 << ss_shift) - 1))
         allowed = fs_allowed_mask & ss_allowed(perm & 7)
         if not perm & DIRTY_OK:
-            allowed &= ~0xCCCC
+            allowed &= ~REQ_W
         base = hpa & ~((1 << shift) - 1)
-        if trace is not None:
-            return [base, (1 << shift) - 1, allowed, 0, did, pasid, KIND_NESTED, iova & ~((1 << shift) - 1), shift], \
-                base | (iova & ((1 << shift) - 1))
-        return self._fill(tag, pasid, did, KIND_NESTED, iova, base, shift, allowed, fpd_info, True)
+        return self._fill(tag, pasid, did, KIND_NESTED, iova, base, shift, allowed, fpd_info, True, trace is None)
 
     def _probe_iotlb(self, tag: int, pasid: int, iova: int, req: int) -> "tuple[list[int], int] | int | None":
         iotlb = self.caches.iotlb
@@ -537,11 +546,11 @@ class VtdIommu:
                 return None
         return None
 
-    def _pt_entry(self, tag: int, pasid: int, iova: int, did: int) -> "tuple[list[int], int]":
+    def _pt_entry(self, tag: int, pasid: int, iova: int, did: int, insert: bool) -> "tuple[list[int], int]":
         # Pass-through: identity, cached per 4 KiB page like any other translation.
         page = iova & ~0xFFF
         e = [page, 0xFFF, 0xFFFF, 1, did, pasid, KIND_PT, page, 12]
-        if not self.quirks.pt_fast_path:
+        if insert and not self.quirks.pt_fast_path:
             self.caches.put_iotlb(iotlb_key(tag, pasid, 0, page), e)
             if self.cfg.iotlb_size == 0:
                 e[E_ALIVE] = 0
@@ -550,7 +559,7 @@ class VtdIommu:
         return e, iova
 
     def _fill(self, tag: int, pasid: int, did: int, kind: int, iova: int, base: int, shift: int, allowed: int,
-              finfo: int, sm: bool) -> "tuple[list[int], int] | int":
+              finfo: int, sm: bool, insert: bool = True) -> "tuple[list[int], int] | int":
         mask = (1 << shift) - 1
         out = base | (iova & mask)
         # Interrupt-address range: never translated to; such a leaf is not cached so every access is checked.
@@ -560,7 +569,7 @@ class VtdIommu:
                 return code | finfo
             return [base, mask, allowed, 0, did, pasid, kind, iova & ~mask, shift], out
         e = [base, mask, allowed, 1, did, pasid, kind, iova & ~mask, shift]
-        if self.cfg.iotlb_size:
+        if insert and self.cfg.iotlb_size:
             self.caches.put_iotlb(iotlb_key(tag, pasid, (shift - 12) // 9, iova & ~mask), e)
         else:
             e[E_ALIVE] = 0
@@ -709,7 +718,13 @@ class VtdIommu:
         saved_mem = self.mem
         self.mem = ro  # type: ignore[assignment]
         try:
-            res = self._walk_uncached(sid, NO_PASID if pasid is None else pasid, iova, req, steps)
+            ptag = NO_PASID if pasid is None else pasid
+            if not self.te:
+                res: Any = ([iova & ~0xFFF, 0xFFF, 0xFFFF, 0, 0, 0, KIND_PT, iova & ~0xFFF, 12], iova)
+            elif self.root_invalid:
+                res = 0x30
+            else:
+                res = self._lookup(sid, ptag, iova, req, steps)
         finally:
             self.mem = saved_mem
         if type(res) is int:
@@ -718,116 +733,37 @@ class VtdIommu:
         e, out = res  # type: ignore[misc]
         return WalkReport(steps, Translation(out, 1 << e[E_SHIFT], _perm_text(e[E_ALLOWED]), KIND_NAMES[e[E_KIND]]))
 
-    def _walk_uncached(self, sid: int, ptag: int, iova: int, req: int, steps: list) -> "tuple[list[int], int] | int":
-        if not self.te:
-            return [iova & ~0xFFF, 0xFFF, 0xFFFF, 0, 0, 0, KIND_PT, iova & ~0xFFF, 12], iova
-        if self.root_invalid:
-            return 0x30
-        ctx = self._load_context(sid, steps)
-        if type(ctx) is int:
-            return ctx  # type: ignore[return-value]
-        rd = self.mem.read_u64
-        if ctx[0] == _CTX_LEGACY:  # type: ignore[index]
-            _, did, tt, levels, slptptr, fpd = ctx  # type: ignore[misc]
-            if ptag != NO_PASID:
-                return 0x31
-            if tt == _TT_PT:
-                return [iova & ~0xFFF, 0xFFF, 0xFFFF, 0, did, 0, KIND_PT, iova & ~0xFFF, 12], iova
-            if iova >> min(9 * levels + 12, self.mgaw + 1):
-                return 0x04
-            res = ss_walk(rd, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY, None, 0, 0, steps)
-            if type(res) is int:
-                return res  # type: ignore[return-value]
-            base, shift, perm = res  # type: ignore[misc]
-            return self._report_entry(did, 0, KIND_SS, iova, base, shift, ss_allowed(perm & 7), False)
-        _, cfpd, pdir, pdts, rid_pasid, pre, paside, dte, rid_priv = ctx  # type: ignore[misc]
-        if ptag != NO_PASID and not paside:
-            return 0x45
-        pasid = ptag if ptag != NO_PASID else (rid_pasid if self.ecap_rps else 0)
-        pe = self._load_pasid(pdir, pdts, cfpd, pasid, steps)
-        if type(pe) is int:
-            return pe & 0xFF  # type: ignore[operator]
-        did, pgtt, ss_levels, ssptptr, fs_levels, fsptptr, fpd, flags, ssade, ssee = pe  # type: ignore[misc]
-        if req & PRIV and not flags & F_SRE:
-            return 0x5D
-        if pgtt == _PGTT_PT:
-            return [iova & ~0xFFF, 0xFFF, 0xFFFF, 0, did, pasid, KIND_PT, iova & ~0xFFF, 12], iova
-        if pgtt == _PGTT_SS:
-            if iova >> (self.mgaw + 1):
-                return 0x83
-            if iova >> (9 * ss_levels + 12):
-                return 0x84
-            res = ss_walk(rd, None, ssptptr, ss_levels, iova, req, self.ss_geo, SS_CODES_SM, None, 0, 0, steps)
-            if type(res) is int:
-                return res  # type: ignore[return-value]
-            base, shift, perm = res  # type: ignore[misc]
-            return self._report_entry(did, pasid, KIND_SS, iova, base, shift, ss_allowed(perm & 7), True)
-        if not canonical(iova, fs_levels):
-            return 0x80
-        if pgtt == _PGTT_FS:
-            res = fs_walk(rd, self.mem.write_u64, fsptptr, fs_levels, iova, req, self.fs_geo, flags, None, 0, 0,
-                          steps)
-            if type(res) is int:
-                return res  # type: ignore[return-value]
-            base, shift, allowed = res  # type: ignore[misc]
-            return self._report_entry(did, pasid, KIND_FS, iova, base, shift, allowed, True)
-        r = self._nested(did, pasid, did, iova, req, pe, 0, steps)  # type: ignore[arg-type]
-        if type(r) is int:
-            return r & 0xFF  # type: ignore[operator]
-        e, out = r  # type: ignore[misc]
-        return self._report_entry(did, pasid, KIND_NESTED, iova, e[0], e[E_SHIFT], e[E_ALLOWED], True)
-
-    def _report_entry(self, did: int, pasid: int, kind: int, iova: int, base: int, shift: int, allowed: int,
-                      sm: bool) -> "tuple[list[int], int] | int":
-        mask = (1 << shift) - 1
-        out = base | (iova & mask)
-        if base < INTR_HI and base + mask >= INTR_LO and (
-                self.quirks.intr_range_whole_leaf or INTR_LO <= (out & ~0xFFF) < INTR_HI):
-            return 0x87 if (sm or (self.quirks.intr_range_whole_leaf and self.scalable_unit)) else 0x0E
-        return [base, mask, allowed, 0, did, pasid, kind, iova & ~mask, shift], out
-
     # -- DMA ---------------------------------------------------------------------------------------
     def dma_read(self, sid: int, iova: int, length: int, pasid: int | None = None, priv: bool = False) -> DmaResult:
         """Read ``length`` bytes as a device would, translating each 4 KiB IOVA page separately; a faulting
         chunk reads as zeros."""
-        out = bytearray(length)
+        return self._dma(sid, iova, length, None, pasid, READ | (PRIV if priv else 0))
+
+    def dma_write(self, sid: int, iova: int, data: bytes, pasid: int | None = None, priv: bool = False) -> DmaResult:
+        """Write ``data`` as a device would; faulting chunks are dropped."""
+        return self._dma(sid, iova, len(data), memoryview(data), pasid, WRITE | (PRIV if priv else 0))
+
+    def _dma(self, sid: int, iova: int, length: int, data: memoryview | None, pasid: int | None,
+             req: int) -> DmaResult:
+        out = bytearray(length if data is None else 0)
         faults: list[int] = []
         ptag = NO_PASID if pasid is None else pasid
-        req = READ | (PRIV if priv else 0)
-        pos = 0
         mem = self.mem
         xl = self.xlate
+        pos = 0
         while pos < length:
             a = iova + pos
             n = min(4096 - (a & 0xFFF), length - pos)
             hpa = xl(sid, ptag, a, req)
             if hpa >= 0:
-                out[pos:pos + n] = mem.read(hpa, n)
+                if data is None:
+                    out[pos:pos + n] = mem.read(hpa, n)
+                else:
+                    mem.write(hpa, data[pos:pos + n])
             elif hpa != DROPPED:
                 faults.append(-hpa)
             pos += n
         return DmaResult(bytes(out), tuple(faults))
-
-    def dma_write(self, sid: int, iova: int, data: bytes, pasid: int | None = None, priv: bool = False) -> DmaResult:
-        """Write ``data`` as a device would; faulting chunks are dropped."""
-        faults: list[int] = []
-        ptag = NO_PASID if pasid is None else pasid
-        req = WRITE | (PRIV if priv else 0)
-        length = len(data)
-        mv = memoryview(data)
-        pos = 0
-        mem = self.mem
-        xl = self.xlate
-        while pos < length:
-            a = iova + pos
-            n = min(4096 - (a & 0xFFF), length - pos)
-            hpa = xl(sid, ptag, a, req)
-            if hpa >= 0:
-                mem.write(hpa, mv[pos:pos + n])
-            elif hpa != DROPPED:
-                faults.append(-hpa)
-            pos += n
-        return DmaResult(b"", tuple(faults))
 
     # -- state -------------------------------------------------------------------------------------
     def fault_records(self) -> list[FaultRecord]:
