@@ -79,6 +79,20 @@ class DmaResult(NamedTuple):
         return not self.faults
 
 
+class StaleHit(NamedTuple):
+    """Sanitizer report: a translation whose cached answer differs from what memory says now — a guest
+    changed a structure without the invalidation the spec requires (or relies on one it never did)."""
+
+    sid: int
+    pasid: int | None
+    iova: int
+    access: str
+    cached: int
+    """What the unit answered: output address, or -reason."""
+    fresh: int
+    """What an uncached walk of memory answers now: output address, or -reason."""
+
+
 class WalkReport(NamedTuple):
     """Everything one uncached walk touched, for inspection (``vtd-emu walk``)."""
 
@@ -91,7 +105,7 @@ class VtdIommu:
     """One VT-d remapping unit over a memory (host RAM for a physical unit, guest RAM for a vIOMMU)."""
 
     def __init__(self, mem: Memory, config: VtdConfig | str = "modern", *,
-                 on_interrupt: Callable[[Interrupt], None] | None = None) -> None:
+                 on_interrupt: Callable[[Interrupt], None] | None = None, sanitize: bool = False) -> None:
         cfg = VtdConfig.preset(config) if isinstance(config, str) else config.validated()
         self.cfg = cfg
         self.mem = mem
@@ -120,6 +134,10 @@ class VtdIommu:
         self.root_scalable = False
         self.root_invalid = False
         self.irta_latched = 0
+        self.stale_hits: list[StaleHit] = []
+        if sanitize:
+            # An instance attribute shadows the method: the plain hot path pays nothing for the option.
+            self.xlate = self._xlate_sanitized  # type: ignore[method-assign]
         h = self.regs.handlers
         h["GCMD"] = self._gcmd_written
         h["CCMD"] = self._ccmd_written
@@ -359,6 +377,33 @@ class VtdIommu:
             if e[3] and (e[2] >> req) & 1:
                 return hit[0] | (iova & 0xFFF)
         return self._xlate_slow(sid, ptag, iova, req)
+
+    def _xlate_sanitized(self, sid: int, ptag: int, iova: int, req: int) -> int:
+        out = VtdIommu.xlate(self, sid, ptag, iova, req)
+        fresh = self._fresh(sid, ptag, iova, req)
+        if fresh != out and out != DROPPED:
+            self.stale_hits.append(StaleHit(sid, None if ptag == NO_PASID else ptag, iova, describe(req), out, fresh))
+        return out
+
+    def _fresh(self, sid: int, ptag: int, iova: int, req: int) -> int:
+        """What memory says now for this request, bypassing and not touching any cache or memory."""
+        if not self.te or sid in self._pt_bypass:
+            return iova
+        if self.root_invalid:
+            return -0x30
+        saved = self.mem
+        self.mem = _ReadOnly(saved)  # type: ignore[assignment]
+        try:
+            r = self._lookup(sid, ptag, iova, req, [])
+        finally:
+            self.mem = saved
+        if type(r) is int:
+            reason = r & 0xFF  # type: ignore[operator]
+            if self.quirks.sm_legacy_fault_codes and reason in _QEMU_SM_CODES:
+                mapped = _QEMU_SM_CODES[reason]
+                reason = mapped if mapped is not None else (0x05 if req & WRITE else 0x06)
+            return -reason
+        return r[1]  # type: ignore[index]
 
     def _xlate_slow(self, sid: int, ptag: int, iova: int, req: int) -> int:
         if not self.te or sid in self._pt_bypass:
