@@ -77,6 +77,8 @@ class Caches:
         self.psc_ss: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self.psc_fs: OrderedDict[int, tuple[int, int, int, int]] = OrderedDict()
         self.stats = CacheStats()
+        # Bit i set: the IOTLB may hold entries of page-size index i; lookups probe only those sizes.
+        self.sizes_held = 0
 
     # -- fills -----------------------------------------------------------------------------------
     def put_context(self, sid: int, ctx: tuple[int, ...]) -> None:
@@ -108,6 +110,7 @@ class Caches:
         if prev is not None:
             prev[E_ALIVE] = 0
         iotlb[key] = entry
+        self.sizes_held |= 1 << ((key >> 52) & 3)
 
     def put_front(self, key: int, out4k: int, entry: list[int]) -> None:
         front = self.front
@@ -121,6 +124,7 @@ class Caches:
             e[E_ALIVE] = 0
         self.iotlb.clear()
         self.front.clear()
+        self.sizes_held = 0
 
     def _kill_where(self, pred: "object") -> int:
         dead = [k for k, e in self.iotlb.items() if pred(e)]  # type: ignore[operator]

@@ -42,6 +42,9 @@ class Quirks:
     ignore_cfi: bool = False
     rid_pasid_without_rps: bool = False
     pgtt_walked_as_ss: bool = False
+    fault_fi_full_address: bool = False
+    qemu_qi_registers: bool = False
+    qemu_qi_descriptors: bool = False
 
 
 @lru_cache(maxsize=None)

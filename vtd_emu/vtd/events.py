@@ -13,7 +13,9 @@ IP = 1 << 30
 
 
 class Interrupt(NamedTuple):
-    """An MSI the unit sent: ``source`` is ``fault``, ``invalidation``, ``page-request`` or ``remapped``."""
+    """An MSI the unit sent: ``source`` is ``fault``, ``invalidation``, ``page-request``, ``remapped``
+    (through an IRTE) or ``passthrough`` (a device MSI delivered unchanged: remapping off, or an allowed
+    compatibility-format interrupt)."""
 
     source: str
     addr: int

@@ -66,10 +66,11 @@ class FaultUnit:
         regs.handlers["FECTL"] = lambda i, old, new, v, m: event.ctl_written(old, new)
 
     def record(self, sid: int, addr: int, reason: int, is_write: bool, pasid: int | None = None,
-               priv: bool = False, exe: bool = False, pv: int | None = None) -> bool:
+               priv: bool = False, exe: bool = False, pv: int | None = None, page_request: bool = False) -> bool:
         """Log one primary fault; False if it was dropped (overflow or collapse).
 
-        ``pasid`` None means the request had no PASID (PP=0); ``pv`` forces the PV field (QEMU quirks)."""
+        ``pasid`` None means the request had no PASID (PP=0); ``pv`` forces the PV field (QEMU quirks);
+        ``page_request`` sets T2 (with ``is_write`` True, (T2, T1) = 10 marks a page request)."""
         regs = self.regs
         fsts = regs.get("FSTS")
         if fsts & PFO:
@@ -89,7 +90,8 @@ class FaultUnit:
                 self.event.fire()
             return False
         pv_field = (pasid if pasid is not None else 0) if pv is None else pv
-        hi = (sid & 0xFFFF) | (int(priv) << 29) | (int(exe) << 30) | (int(pasid is not None) << 31)
+        hi = (sid & 0xFFFF) | (int(page_request) << 28) | (int(priv) << 29) | (int(exe) << 30)
+        hi |= int(pasid is not None) << 31
         hi |= (reason & 0xFF) << 32 | (pv_field & 0xFFFFF) << 40 | (int(not is_write) << 62) | (1 << 63)
         regs.set("FRCD", (hi << 64) | (addr & ~0xFFF & 0xFFFF_FFFF_FFFF_FFFF), idx)
         self.next_index = (idx + 1) % self.nfr

@@ -7,7 +7,7 @@ chain.  Faults travel as negative ints and are recorded (or suppressed by FPD) h
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from ..memory import Memory
 from ..spec import specs
@@ -17,9 +17,15 @@ from .caches import (E_ALIVE, E_ALLOWED, E_KIND, E_SHIFT, KIND_FS, KIND_NAMES, K
 from .config import VtdConfig
 from .events import EventUnit, Interrupt
 from .faults import QUALIFIED, FaultRecord, FaultUnit, reason_name
+from .intremap import InterruptRemapper, IrFault
+from .prq import PageRequestStatus, PageRequestUnit, PageResponse
+from .qi import InvalidationQueue
 from .regs import RegisterFile
 from .walk import (ADDR_MASK, DIRTY_OK, F_EAFE, F_ERE, F_NXE, F_SMEP, F_SRE, F_WPE, SS_CODES_LEGACY,
                    SS_CODES_SM, Geometry, TraceEntry, canonical, fs_walk, ss_walk)
+
+if TYPE_CHECKING:
+    from .ats import AtsCompletion, AtsDevice
 
 # GCMD / GSTS bits
 TE, SRTP, SFL, EAFL, WBF, QIE, IRE, SIRTP, CFI = (1 << 31, 1 << 30, 1 << 29, 1 << 28, 1 << 27, 1 << 26,
@@ -45,6 +51,10 @@ _QEMU_SM_CODES: dict[int, int | None] = {
     0x46: 0x58, 0x50: 0x58, 0x51: 0x58, 0x52: 0x58, 0x58: 0x58, 0x59: 0x58, 0x5A: 0x58, 0x5B: 0x58,
     0x78: 0x07, 0x79: None, 0x7A: 0x0C, 0x7B: 0x03, 0x83: 0x04, 0x84: 0x04,
 }
+
+
+# IOTLB probes (size index, page mask) for each set of page sizes the IOTLB may hold (Caches.sizes_held)
+_PROBES = [tuple((i, ~((1 << (12 + 9 * i)) - 1)) for i in range(4) if held >> i & 1) for held in range(16)]
 
 
 class Translation(NamedTuple):
@@ -113,7 +123,8 @@ class VtdIommu:
         self.interrupts: list[Interrupt] = []
         self.on_interrupt = on_interrupt
         self.regs = RegisterFile(cfg)
-        uaddr = not q.qemu_register_widths
+        # The upper MSI address register is only used by units with extended interrupt mode.
+        uaddr = not q.qemu_register_widths and bool(cfg.ecap_field("EIM"))
         self.fault_event = EventUnit(self.regs, "FE", "fault", self._interrupt,
                                      data_bits=16 if q.qemu_register_widths else 32, uaddr_used=uaddr)
         self.inv_event = EventUnit(self.regs, "IE", "invalidation", self._interrupt, uaddr_used=uaddr)
@@ -146,12 +157,19 @@ class VtdIommu:
         h["IECTL"] = lambda i, old, new, v, m: self.inv_event.ctl_written(old, new)
         h["PECTL"] = lambda i, old, new, v, m: self.prq_event.ctl_written(old, new)
         h["ICS"] = self._ics_written
+        # Queued invalidation, page requests and interrupt remapping install their own register handlers.
+        self.devices: dict[int, AtsDevice] = {}
+        self.unmatched_responses: list[PageResponse] = []
+        self.qi = InvalidationQueue(self) if cfg.ecap_field("QI") else None
+        self.prq = PageRequestUnit(self) if cfg.ecap_field("PRS") else None
+        self.intremap = InterruptRemapper(self) if self.ecap_ir else None
 
     # -- configuration compiled to masks -----------------------------------------------------------
     def _compile(self) -> None:
         cfg, q, sp = self.cfg, self.quirks, specs()
         self.haw = haw = cfg.haw
         self.mgaw = cfg.mgaw
+        self.fi_mask = (1 << 64) - 1 if q.fault_fi_full_address else (1 << (self.mgaw + 1)) - 1
         self.sagaw = cfg.cap_field("SAGAW")
         sllps = cfg.cap_field("SLLPS")
         self.ecap_dt = bool(cfg.ecap_field("DT"))
@@ -201,7 +219,6 @@ class VtdIommu:
         # The front memo may only answer what the caches behind it hold.
         self.front_ok = bool(cfg.iotlb_size and cfg.context_cache_size
                              and (cfg.pasid_cache_size or q.pasid_entry_uncached))
-        self.probe_sizes = [(0, ~0xFFF), (1, ~0x1FFFFF), (2, ~0x3FFFFFFF)]
 
     # -- interrupts --------------------------------------------------------------------------------
     def _interrupt(self, irq: Interrupt) -> None:
@@ -259,8 +276,10 @@ class VtdIommu:
         rt = self.regs.get("RTADDR")
         ttm = (rt >> 10) & 3
         self.root_addr = rt & self.addr_mask
-        self.root_scalable = ttm == 1 and self.scalable_unit
-        self.root_invalid = ttm >= 2 or (ttm == 1 and not self.scalable_unit)
+        # TTM is read-only zero on units without scalable mode, so only 10 (reserved) and 11 (abort-DMA,
+        # not implemented) can be invalid here.
+        self.root_scalable = ttm == 1
+        self.root_invalid = ttm >= 2
         self._set_status(SRTP, True)
         if self.quirks.srtp_te_flush_caches or self.cfg.cap_field("ESRTPS"):
             self.caches.flush_all()
@@ -268,6 +287,9 @@ class VtdIommu:
         self._pt_bypass.clear()
 
     def _set_qie(self, on: bool) -> None:
+        if self.qi is not None:
+            self.qi.set_enabled(on)  # the queue owns QIES: it may refuse (QEMU) or start fetching at once
+            return
         self._set_status(QIE, on)
         if not on:
             self.regs.set("IQH", 0)
@@ -275,6 +297,8 @@ class VtdIommu:
     def _latch_irta(self) -> None:
         self.irta_latched = self.regs.get("IRTA")
         self._set_status(SIRTP, True)
+        if self.intremap is not None:
+            self.intremap.table_latched()
 
     def _ics_written(self, index: int, old: int, new: int, value: int, wmask: int) -> None:
         if not new & 1:
@@ -579,8 +603,9 @@ class VtdIommu:
         return self._fill(tag, pasid, did, KIND_NESTED, iova, base, shift, allowed, fpd_info, True, trace is None)
 
     def _probe_iotlb(self, tag: int, pasid: int, iova: int, req: int) -> "tuple[list[int], int] | int | None":
-        iotlb = self.caches.iotlb
-        for size_idx, mask in self.probe_sizes:
+        c = self.caches
+        iotlb = c.iotlb
+        for size_idx, mask in _PROBES[c.sizes_held]:
             e = iotlb.get((((((tag << 21) | pasid) << 2) | size_idx) << 52) | ((iova & mask) >> 12))
             if e is not None:
                 if (e[2] >> req) & 1:
@@ -640,7 +665,8 @@ class VtdIommu:
                 pv = pasid & 0xFFFF
             elif not self.root_scalable and walk:
                 pv = 0xFFFF
-        self.faults.record(sid, iova, reason, bool(req & WRITE) and not req & READ, pasid,
+        # FI holds the page address; bits above the guest address width read as zero.
+        self.faults.record(sid, iova & self.fi_mask, reason, bool(req & WRITE) and not req & READ, pasid,
                            bool(req & PRIV), bool(req & EXEC), pv)
         return -reason
 
@@ -809,6 +835,45 @@ class VtdIommu:
                 faults.append(-hpa)
             pos += n
         return DmaResult(bytes(out), tuple(faults))
+
+    # -- endpoints: ATS, page requests, interrupts ------------------------------------------------
+    def attach_device(self, sid: int, *, ats: bool = True, pri: bool = False, respond: bool = True,
+                      spurious_completion: bool = False, atc_size: int = 256) -> AtsDevice:
+        """An endpoint with a device TLB (and PRI if ``pri``) behind this unit; device-TLB invalidations and
+        page group responses for ``sid`` reach it."""
+        from .ats import AtsDevice
+        dev = AtsDevice(self, sid, ats=ats, pri=pri, respond=respond, spurious_completion=spurious_completion,
+                        atc_size=atc_size)
+        self.devices[sid] = dev
+        return dev
+
+    def ats_translate(self, sid: int, iova: int, *, write: bool = False, pasid: int | None = None,
+                      priv: bool = False) -> AtsCompletion:
+        """Process an ATS translation request (no fault is recorded for page-walk failures)."""
+        from .ats import chip_translate
+        return chip_translate(self, sid, iova, write=write, pasid=pasid, priv=priv)
+
+    def translated_access(self, sid: int, addr: int, write: bool, pasid: int | None = None) -> int:
+        """Check a translated (AT=10) request: the address, or -reason after recording a fault."""
+        from .ats import chip_translated_access
+        return chip_translated_access(self, sid, addr, write, pasid)
+
+    def page_request(self, sid: int, addr: int, *, read: bool, write: bool, exe: bool = False,
+                     priv: bool = False, pasid: int | None = None, last: bool = False, prgi: int = 0,
+                     private_data: int | None = None) -> PageRequestStatus:
+        """A PRI page request from requester ``sid`` (see :class:`PageRequestUnit`)."""
+        if self.prq is None:
+            return PageRequestStatus.UNSUPPORTED
+        return self.prq.request(sid, addr, read=read, write=write, exe=exe, priv=priv, pasid=pasid, last=last,
+                                prgi=prgi, private_data=private_data)
+
+    def remap_interrupt(self, sid: int, addr: int, data: int) -> Interrupt | IrFault:
+        """An MSI write from requester ``sid``: the interrupt delivered, or why it was blocked."""
+        if self.intremap is None:
+            irq = Interrupt("passthrough", addr, data, data & 0xFF, (addr >> 12) & 0xFF)
+            self._interrupt(irq)
+            return irq
+        return self.intremap.remap(sid, addr, data)
 
     # -- state -------------------------------------------------------------------------------------
     def fault_records(self) -> list[FaultRecord]:

@@ -180,6 +180,7 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
                 lvl = probe - 1
                 break
     touched: list[tuple[int, int]] = []
+    acc = -1  # AND of every entry used: tells at the leaf whether any A bit is still clear
     ss_ro = False  # nested: some FS table on the walk is read-only in the second stage
     while True:
         idx = ((va >> (3 + 9 * lvl)) & 0x1FF) << 3
@@ -200,6 +201,7 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
         if not e & 1:
             return 0x71
         touched.append((ea, e))
+        acc &= e
         rw &= (e >> 1) & 1
         us &= (e >> 2) & 1
         xd |= e >> 63
@@ -211,13 +213,15 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
                 return fs_denied_code(req, rw, us, xd, flags)
             a_bit = 0x20 | (0x400 if flags & F_EAFE else 0)
             d_bit = 0x40 if req & WRITE else 0
-            if ss_ro and _needs_ad(touched, a_bit, d_bit):
-                # A/D updates write the FS tables through the second stage, which must allow it.
-                return 0x77
-            if not _set_ad(wr, touched, a_bit, d_bit):
-                return 0x91
-            dirty = bool(e & 0x40 or d_bit)
-            return (e & geo.leaf_addr[lvl], 3 + 9 * lvl, fs_allowed(rw, us, xd, dirty, flags))
+            if (acc & a_bit) != a_bit or (e & d_bit) != d_bit:  # some A/EA/D bit still to set
+                if ss_ro:
+                    # A/D updates write the FS tables through the second stage, which must allow it.
+                    return 0x77
+                if not _set_ad(wr, touched, a_bit, d_bit):
+                    return 0x91
+            if not (e & 0x40 or d_bit):
+                allowed &= ~REQ_W  # a later write must walk again to set D
+            return (e & geo.leaf_addr[lvl], 3 + 9 * lvl, allowed)
         if e & geo.rsvd_table[lvl]:
             return 0x72
         table = e & ADDR_MASK
@@ -226,11 +230,6 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
                 psc.popitem(last=False)  # type: ignore[attr-defined]
             psc[((psc_tag << 3 | lvl) << 56) | ((va >> (3 + 9 * lvl)) & ((1 << (54 - 9 * lvl)) - 1))] = (table, rw, us, xd)
         lvl -= 1
-
-
-def _needs_ad(touched: list[tuple[int, int]], a_bit: int, d_bit: int) -> bool:
-    last = len(touched) - 1
-    return any((e | a_bit | (d_bit if i == last else 0)) != e for i, (_, e) in enumerate(touched))
 
 
 def canonical(va: int, levels: int) -> bool:

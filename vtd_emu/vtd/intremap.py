@@ -1,0 +1,172 @@
+"""Interrupt remapping: MSI decode, the interrupt-remapping table (IRTA latched by GCMD.SIRTP), IRTE
+validation, source-id checks, the interrupt-entry cache and the IR faults 0x20-0x26.
+
+A device's MSI write (address 0xFEEx_xxxx + data) goes through :meth:`InterruptRemapper.remap`.  With
+GSTS.IRES=0 it is delivered unchanged.  A remappable-format MSI selects an IRTE by handle (+ subhandle);
+the IRTE gives vector, destination and modes of the interrupt actually delivered.  Valid IRTEs are cached
+by index until an interrupt-entry-cache invalidation removes them, as on hardware.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+from ..spec import specs
+from .events import Interrupt
+from .faults import QUALIFIED, reason_name
+
+if TYPE_CHECKING:
+    from .iommu import VtdIommu
+
+_IRES = 1 << 25
+_CFIS = 1 << 23
+_MSI_BASE = 0xFEE0_0000
+_SQ_MASKS = (0xFFFF, 0xFFFB, 0xFFF9, 0xFFF8)
+_CACHE_LIMIT = 1024
+_XAPIC_DST_RSVD = (0xFF << 32) | (0xFFFF << 48)   # xAPIC IDs sit in DST bits 15:8 (abs 47:40)
+
+
+class IrFault(NamedTuple):
+    """A blocked interrupt.  ``recorded`` is False when IRTE.FPD suppressed it or logging dropped it."""
+
+    reason: int
+    name: str
+    index: int | None
+    recorded: bool
+
+    def __bool__(self) -> bool:  # falsy like a DMA Fault, so `if iommu.remap_interrupt(...)` reads naturally
+        return False
+
+
+class _Irte(NamedTuple):
+    fpd: int
+    dm: int
+    rh: int
+    tm: int
+    dlm: int
+    vector: int
+    dst: int
+    sid: int
+    sq: int
+    svt: int
+
+
+class InterruptRemapper:
+    """The interrupt-remapping half of one unit (present when ECAP.IR=1)."""
+
+    def __init__(self, chip: "VtdIommu") -> None:
+        self.chip = chip
+        cfg = chip.cfg
+        lay = specs().structure("irte")
+        self.f = {n: lay.field(n) for n in ("P", "FPD", "DM", "RH", "TM", "DLM", "IM", "V", "DST", "SID", "SQ",
+                                            "SVT")}
+        self.rsvd = lay.qword_masks(lay.reserved_mask())
+        self.eim = bool(cfg.ecap_field("EIM"))
+        self.flush_on_sirtp = bool(cfg.cap_field("ESIRTPS"))
+        self.compat_passthrough = chip.quirks.ignore_cfi
+        self.cache: dict[int, _Irte] = {}
+        self.remapped = 0
+        self.blocked = 0
+
+    # -- interrupt-entry cache -------------------------------------------------------------------
+    def table_latched(self) -> None:
+        """GCMD.SIRTP latched a new IRTA: with CAP.ESIRTPS that also empties the interrupt-entry cache."""
+        if self.flush_on_sirtp:
+            self.cache.clear()
+
+    def invalidate(self, all_entries: bool, index: int = 0, im: int = 0) -> None:
+        """Interrupt-entry cache invalidation: everything, or entries index .. index + 2^im - 1."""
+        if all_entries:
+            self.cache.clear()
+            return
+        hi = index + (1 << im)
+        for i in [i for i in self.cache if index <= i < hi]:
+            del self.cache[i]
+
+    # -- remapping -------------------------------------------------------------------------------
+    def remap(self, sid: int, addr: int, data: int) -> Interrupt | IrFault:
+        """Deliver (or block) the MSI that requester ``sid`` wrote."""
+        chip = self.chip
+        gsts = chip.regs.get("GSTS")
+        addr &= (1 << 64) - 1
+        data &= 0xFFFF_FFFF
+        if not gsts & _IRES:
+            return self._send(Interrupt("passthrough", addr, data, data & 0xFF, (addr >> 12) & 0xFF))
+        irta = chip.irta_latched
+        eime = bool(irta & (1 << 11)) and self.eim
+        if not addr & 0x10:
+            # Compatibility format: allowed only in xAPIC mode with GCMD.CFI set (QEMU: always).
+            if self.compat_passthrough or (not eime and gsts & _CFIS):
+                return self._send(Interrupt("passthrough", addr, data, data & 0xFF, (addr >> 12) & 0xFF))
+            return self._fault(sid, 0x25, None, 0)
+        handle = ((addr >> 5) & 0x7FFF) | ((addr >> 2) & 1) << 15
+        shv = (addr >> 3) & 1
+        index = handle + (data & 0xFFFF if shv else 0)
+        if addr >> 32 or (addr >> 20) != 0xFEE or (shv and data >> 16):
+            return self._fault(sid, 0x20, index, 0)
+        if index >= 2 << (irta & 0xF):
+            return self._fault(sid, 0x21, index, 0)
+        e = self.cache.get(index)
+        if e is None:
+            got = self._load(irta, index, eime)
+            if isinstance(got, int):
+                return self._fault(sid, got & 0xFF, index, got >> 8)
+            e = got
+            if len(self.cache) >= _CACHE_LIMIT:
+                del self.cache[next(iter(self.cache))]
+            self.cache[index] = e
+        if not self._sid_ok(sid, e):
+            return self._fault(sid, 0x26, index, e.fpd)
+        dest = e.dst if eime else (e.dst >> 8) & 0xFF
+        out_addr = _MSI_BASE | (dest & 0xFF) << 12 | e.rh << 3 | e.dm << 2 | (dest >> 8) << 32
+        out_data = e.vector | e.dlm << 8 | 1 << 14 | e.tm << 15
+        self.remapped += 1
+        return self._send(Interrupt("remapped", out_addr, out_data, e.vector, dest))
+
+    def _load(self, irta: int, index: int, eime: bool) -> "_Irte | int":
+        """The IRTE, or reason | FPD << 8 when it cannot be used."""
+        rd = self.chip.mem.read_u64
+        base = irta & ~0xFFF & ((1 << self.chip.cfg.haw) - 1)
+        lo, hi = rd(base + 16 * index), rd(base + 16 * index + 8)
+        if lo < 0 or hi < 0:
+            return 0x23
+        f = self.f
+        v = lo | hi << 64
+        fpd = f["FPD"].get(v)
+        if not f["P"].get(v):
+            return 0x22 | fpd << 8
+        # Posted format (IM=1) is not modelled (no preset has CAP.PI): its bits are reserved here.
+        if lo & self.rsvd[0] or hi & self.rsvd[1] or f["IM"].get(v) or (not eime and v & _XAPIC_DST_RSVD):
+            return 0x24 | fpd << 8
+        return _Irte(fpd, f["DM"].get(v), f["RH"].get(v), f["TM"].get(v), f["DLM"].get(v), f["V"].get(v),
+                     f["DST"].get(v), f["SID"].get(v), f["SQ"].get(v), f["SVT"].get(v))
+
+    @staticmethod
+    def _sid_ok(sid: int, e: _Irte) -> bool:
+        if e.svt == 0:
+            return True
+        if e.svt == 1:
+            m = _SQ_MASKS[e.sq]
+            return (sid & m) == (e.sid & m)
+        if e.svt == 2:
+            # Bus range: SID[15:8] is the first bus, SID[7:0] the last.
+            return (e.sid >> 8) <= (sid >> 8) <= (e.sid & 0xFF)
+        return False  # SVT=3 is reserved: verification cannot pass
+
+    def _fault(self, sid: int, reason: int, index: int | None, fpd: int) -> IrFault:
+        chip = self.chip
+        self.blocked += 1
+        if fpd and reason in QUALIFIED:
+            chip.suppressed += 1
+            return IrFault(reason, reason_name(reason), index, False)
+        fi = ((index or 0) & 0xFFFF) << 48
+        # T=0 and no PASID: an interrupt request is neither a read nor a PASID-tagged request.
+        recorded = chip.faults.record(sid, fi, reason, True)
+        return IrFault(reason, reason_name(reason), index, recorded)
+
+    def _send(self, irq: Interrupt) -> Interrupt:
+        self.chip._interrupt(irq)
+        return irq
+
+
+__all__ = ["InterruptRemapper", "IrFault"]
