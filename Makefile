@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Every shipped trace: our own (YAML, JSON Lines, binary), the QEMU-log import, the QEMU 7.2 scenarios.
 run: $(STAMP)
-	$(BIN)/vtd-emu replay --check traces/qemu-7.2/*.jsonl
+	$(BIN)/vtd-emu replay --check traces/*.yaml traces/*.jsonl traces/*.npz traces/qemu-import/*.yaml traces/qemu-7.2/*.jsonl
 
 # pytest exits 5 when it collects no test; that is not a failure of the tree.
 test: $(STAMP)

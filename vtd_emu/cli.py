@@ -196,28 +196,185 @@ def _print_mappings(lv: Leaves, stage: str, fmt: str, as_leaves: bool, out: Text
           f"{int(lv.size.sum()) if len(lv) else 0:#x} bytes mapped\n")
 
 
+def _progress_printer(path: str, enabled: bool) -> Callable[[int, int], None] | None:
+    if not enabled:
+        return None
+    state = {"shown": False}
+
+    def show(done: int, total: int) -> None:
+        pct = 100.0 * done / total if total else 100.0
+        sys.stderr.write(f"\rreplay {path}: {done:,}/{total:,} events ({pct:.0f}%)")
+        sys.stderr.flush()
+        state["shown"] = True
+        if done >= total:
+            sys.stderr.write("\n")
+
+    return show
+
+
+def _summary_table(st: Any, out: TextIO) -> None:
+    """The human summary of replayed traces (DMAs, bytes, faults, cache hit rates, invalidations)."""
+    w = out.write
+    faulted = sum(st.faults.values())
+    translated = st.chunks - faulted - st.dropped - st.untranslated
+    w(f"DMAs            {st.dmas:,} ({st.dma_bytes:,} bytes in {st.chunks:,} page chunks: {translated:,} translated, "
+      f"{faulted:,} faulted, {st.dropped:,} dropped, {st.untranslated:,} untranslated)\n")
+    if st.faults:
+        w("faults          " + ", ".join(f"{r:#x} {reason_name(r)}: {c:,}" for r, c in sorted(st.faults.items()))
+          + "\n")
+    rates = st.hit_rates()
+    c = st.cache
+
+    def rate(name: str, h: str, m: str) -> str:
+        r = rates[name]
+        return f"{name} -" if r is None else f"{name} {100 * r:.1f} % ({c.get(h, 0):,}/{c.get(h, 0) + c.get(m, 0):,})"
+
+    req = st.chunks - st.untranslated
+    iot = rates["iotlb"]
+    iotlb_text = "iotlb -" if iot is None else f"iotlb {100 * iot:.1f} % ({req - c.get('walks', 0):,}/{req:,} without a walk)"
+    w("cache hit rates " + ", ".join((iotlb_text,
+                                       rate("context", "context_hits", "context_misses"),
+                                       rate("pasid", "pasid_hits", "pasid_misses"))) + "\n")
+    if st.invalidations:
+        w("invalidations   " + ", ".join(f"{k} {v:,}" for k, v in sorted(st.invalidations.items())) + "\n")
+    if st.qi_descriptors:
+        w("QI descriptors  " + ", ".join(f"{k} {v:,}" for k, v in sorted(st.qi_descriptors.items())) + "\n")
+    if st.page_requests:
+        w("page requests   " + ", ".join(f"{k} {v:,}" for k, v in sorted(st.page_requests.items())) + "\n")
+    rate_s = f"{st.events / st.seconds:,.0f} events/s" if st.seconds > 0 else "-"
+    w(f"replay          {st.events:,} events in {st.seconds:.3f} s ({rate_s}); page chunks batched {st.batched_chunks:,}, "
+      f"scalar {st.scalar_chunks:,}\n")
+
+
 def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
+    from .trace.model import detect_kind, load_trace
     from .trace.oracle import run_file
+    from .trace.replay import ReplayStats, Replayer
 
     total = events = bad = 0
     summary = []
+    stats = ReplayStats()
+    traces = 0
+    show = args.progress or sys.stderr.isatty()
     for path in args.files:
-        for res in run_file(path, profile=args.profile):
-            total += 1
-            events += res.steps
-            if res.skipped:
-                summary.append({"id": res.id, "skipped": res.skipped})
-                continue
-            bad += len(res.mismatches)
-            if args.check:
-                for m in res.mismatches:
-                    print(f"{path}: {m}", file=out)
-            summary.append({"id": res.id, "steps": res.steps, "checks": res.checks,
-                            "mismatches": len(res.mismatches)})
+        if detect_kind(path) == "oracle":
+            for res in run_file(path, profile=args.profile or "qemu-7.2"):
+                total += 1
+                events += res.steps
+                if res.skipped:
+                    summary.append({"file": path, "id": res.id, "skipped": res.skipped})
+                    continue
+                bad += len(res.mismatches)
+                if args.check:
+                    for m in res.mismatches:
+                        print(f"{path}: {m}", file=out)
+                summary.append({"file": path, "id": res.id, "steps": res.steps, "checks": res.checks,
+                                "mismatches": len(res.mismatches)})
+            continue
+        trace = load_trace(path)
+        r = Replayer(trace, profile=args.profile, batch=not args.no_batch,
+                     progress=_progress_printer(path, show)).run()
+        traces += 1
+        total += 1
+        events += r.events
+        bad += len(r.mismatches)
+        if args.check:
+            for m in r.mismatches:
+                print(f"{path}: {m}", file=out)
+        stats.merge(r.stats)
+        summary.append({"file": path, "id": trace.name or Path(path).stem, "events": r.events, "checks": r.checks,
+                        "mismatches": len(r.mismatches), "stats": r.stats.to_dict()})
     if args.json:
-        print(json.dumps({"scenarios": total, "events": events, "mismatches": bad, "results": summary}), file=out)
+        doc: dict[str, Any] = {"scenarios": total, "events": events, "mismatches": bad, "results": summary}
+        if traces:
+            doc["stats"] = stats.to_dict()
+        print(json.dumps(doc), file=out)
+    elif traces:
+        _summary_table(stats, out)
     print(f"checked: {total} scenarios, {events} events, {bad} mismatches", file=out)
     return 1 if (args.check and bad) else 0
+
+
+def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
+    from .trace.model import load_trace, save_trace
+    from .trace.replay import Replayer
+
+    trace = load_trace(args.input)
+    res = Replayer(trace, profile=args.profile, batch=not args.no_batch, record=True).run()
+    assert res.recorded is not None
+    rec = res.recorded
+    if args.profile:
+        rec.config.profile = args.profile
+    save_trace(rec, args.out_path, args.to)
+    print(f"recorded {res.events} events of {args.input} with fresh expectations to {args.out_path} "
+          f"({len(res.mismatches)} expectations of the input differed)", file=out)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
+    from .trace.model import load_trace, save_trace
+
+    trace = load_trace(args.input)
+    save_trace(trace, args.out_path, args.to)
+    print(f"converted {trace.event_count()} events: {args.input} -> {args.out_path}", file=out)
+    return 0
+
+
+def _qemu_options(items: list[str]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for it in items:
+        k, eq, v = it.partition("=")
+        if not eq or not k:
+            raise UsageError(f"--qemu-option expects KEY=VALUE (e.g. aw_bits=48), got {it!r}")
+        k = k.replace("-", "_")
+        if k in ("intremap", "eim"):
+            opts[k] = v
+        elif v.lower() in ("on", "true", "yes"):
+            opts[k] = True
+        elif v.lower() in ("off", "false", "no"):
+            opts[k] = False
+        else:
+            try:
+                opts[k] = int(v, 0)
+            except ValueError:
+                opts[k] = v
+    return opts
+
+
+def cmd_import_qemu(args: argparse.Namespace, out: TextIO) -> int:
+    from .trace.model import save_trace
+    from .trace.qemu_log import import_log
+
+    trace, s = import_log(args.log, ram=args.ram, out=args.out_path, qemu=_qemu_options(args.qemu_option) or None,
+                          preset=args.preset, profile=args.profile, ram_size=args.ram_size)
+    save_trace(trace, args.out_path, args.to)
+    if args.json:
+        print(json.dumps({"events": trace.event_count(), **s.to_dict()}), file=out)
+        return 0
+    print(f"imported {args.log} -> {args.out_path}: {trace.event_count()} events "
+          f"({s.trace_lines} trace lines, {s.other_lines} other lines; styles {dict(s.styles)})", file=out)
+    print("converted       " + (", ".join(f"{k} {v}" for k, v in sorted(s.converted.items())) or "-"), file=out)
+    if s.descriptors:
+        print(f"descriptors     {s.descriptors} written into the invalidation queue from vtd_inv_desc", file=out)
+    if s.informational:
+        print(f"informational   {sum(s.informational.values())} ("
+              + ", ".join(f"{k} {v}" for k, v in sorted(s.informational.items())) + ")", file=out)
+    print(f"unknown events  {sum(s.unknown.values())}" + (" (" + ", ".join(f"{k} {v}" for k, v in
+                                                                         sorted(s.unknown.items())) + ")"
+                                                           if s.unknown else ""), file=out)
+    for n in s.notes:
+        print(f"note: {n}", file=out)
+    return 0
+
+
+def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
+    from .trace.model import load_trace
+    from .trace.timeline import write_timeline
+
+    doc = write_timeline(load_trace(args.trace), args.out_path, profile=args.profile, batch=not args.no_batch)
+    print(f"wrote {len(doc['traceEvents']):,} trace events to {args.out_path} "
+          "(open in https://ui.perfetto.dev or chrome://tracing)", file=out)
+    return 0
 
 
 def _ram_args(p: argparse.ArgumentParser) -> None:
@@ -256,12 +413,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--leaves", action="store_true", help="one row per leaf instead of merged ranges")
     d.add_argument("-o", "--output", help="write to this file instead of standard output")
     d.set_defaults(func=cmd_dump)
-    r = sub.add_parser("replay", help="replay traces or QEMU reference scenarios")
+    r = sub.add_parser("replay", help="replay traces (vtd-trace/1) or QEMU reference scenarios")
     r.add_argument("files", nargs="+")
     r.add_argument("--check", action="store_true", help="compare every expectation; exit 1 on a mismatch")
-    r.add_argument("--profile", default="qemu-7.2", choices=profile_names())
+    r.add_argument("--profile", default=None, choices=profile_names(),
+                   help="behaviour profile (default: the trace's own; QEMU scenarios: qemu-7.2)")
     r.add_argument("--json", action="store_true", help="print a JSON summary")
+    r.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
+    r.add_argument("--no-batch", action="store_true", help="translate DMA chunk by chunk (no numpy batching)")
     r.set_defaults(func=cmd_replay)
+    rc = sub.add_parser("record", help="replay a trace and write it again with fresh expectations")
+    rc.add_argument("input")
+    rc.add_argument("-o", dest="out_path", required=True, help="trace to write (.yaml, .jsonl or .npz)")
+    rc.add_argument("--to", choices=("yaml", "jsonl", "npz"), help="encoding (default: from the name)")
+    rc.add_argument("--profile", default=None, choices=profile_names())
+    rc.add_argument("--no-batch", action="store_true")
+    rc.set_defaults(func=cmd_record)
+    cv = sub.add_parser("convert", help="convert a trace between YAML, JSON Lines and .npz")
+    cv.add_argument("input")
+    cv.add_argument("out_path", metavar="output")
+    cv.add_argument("--to", choices=("yaml", "jsonl", "npz"), help="encoding (default: from the name)")
+    cv.set_defaults(func=cmd_convert)
+    iq = sub.add_parser("import-qemu", help="turn a QEMU -trace 'vtd_*' log into a trace")
+    iq.add_argument("log")
+    iq.add_argument("-o", dest="out_path", required=True, help="trace to write (.yaml, .jsonl or .npz)")
+    iq.add_argument("--ram", help="RAM image (raw or .zst) with the guest's tables, stored relative to the trace")
+    iq.add_argument("--ram-size", type=_num, help="guest RAM size (default: the image's size, else unlimited)")
+    iq.add_argument("--qemu-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a QEMU 7.2 intel-iommu option of the logged run (aw_bits=48, scalable_mode=on, ...)")
+    iq.add_argument("--preset", choices=preset_names(), help="use one of our presets instead of QEMU options")
+    iq.add_argument("--profile", default=None, choices=profile_names())
+    iq.add_argument("--to", choices=("yaml", "jsonl", "npz"))
+    iq.add_argument("--json", action="store_true", help="print the import summary as JSON")
+    iq.set_defaults(func=cmd_import_qemu)
+    tl = sub.add_parser("timeline", help="Chrome/Perfetto trace-event JSON of a trace's replay")
+    tl.add_argument("trace")
+    tl.add_argument("-o", dest="out_path", required=True, help="JSON file to write")
+    tl.add_argument("--profile", default=None, choices=profile_names())
+    tl.add_argument("--no-batch", action="store_true")
+    tl.set_defaults(func=cmd_timeline)
     return ap
 
 

@@ -1,0 +1,784 @@
+"""Replay of ``vtd-trace/1`` traces on a fresh unit: run every event, compare every ``expect``, count.
+
+:func:`build_machine` makes the RAM and the chip a trace's ``config`` describes; :class:`Replayer` runs
+the events through the chip's public API (MMIO, memory, DMA, page requests), compares expectations, and
+collects :class:`ReplayStats` (DMAs, bytes, faults by reason, cache hit rates, invalidations by type).
+Runs of DMA go through :mod:`vtd_emu.trace.batch` unless ``batch=False``; the outcome is the same either
+way.  With ``record=True`` the replayer also returns the trace again with fresh expectations taken from
+what happened (``vtd-emu record``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ConfigError, TraceError
+from ..memory import HostRAM
+from ..vtd.access import NO_PASID, PRIV, READ, WRITE
+from ..vtd.config import VtdConfig, qemu72_config
+from ..vtd.iommu import DROPPED, VtdIommu
+from .batch import SKIPPED, BatchEngine, run_block
+from .model import DmaBlock, Event, Trace, TraceConfig, blockify
+
+MSI_LO, MSI_HI = 0xFEE0_0000, 0xFEF0_0000
+_U64 = (1 << 64) - 1
+IQT, IQA = 0x88, 0x90
+DESC_TYPE_NAMES = {1: "context-cache", 2: "iotlb", 3: "device-tlb", 4: "iec", 5: "wait", 6: "pasid-iotlb",
+                   7: "pasid-cache", 8: "pasid-device-tlb", 9: "page-group-response"}
+PROGRESS_ROWS = 1 << 18
+"""With a progress callback, long DMA blocks are replayed in slices of this many rows."""
+BATCH_MIN_RUN = 16
+"""Shorter runs of DMA events are replayed one by one (numpy's fixed costs outweigh the gain)."""
+
+
+# -- the machine -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Machine:
+    """What a trace runs on: memory, the unit, and (for host-layer traces) the host and its objects."""
+
+    ram: HostRAM
+    iommu: VtdIommu
+    config: VtdConfig
+    host: Any = None
+    objects: dict[str, Any] = field(default_factory=dict)
+
+
+def unit_config(cfg: TraceConfig, profile: str | None = None, file: str = "<trace>") -> VtdConfig:
+    """The ``VtdConfig`` of a trace's config, with ``profile`` (if given) replacing the trace's own."""
+    unit = dict(cfg.unit)
+    if "fault_collapse" in unit:
+        unit["fault_collapse"] = bool(unit["fault_collapse"])  # type: ignore[assignment]
+    try:
+        if cfg.qemu is not None:
+            vc = qemu72_config(cfg.qemu, profile=profile or cfg.profile or "qemu-7.2")
+            if unit:
+                import dataclasses
+
+                vc = dataclasses.replace(vc, **unit).validated()
+            return vc
+        return VtdConfig.preset(cfg.preset or "modern", profile=profile or cfg.profile or "spec",
+                                overrides=cfg.overrides, **unit)
+    except ConfigError as exc:
+        raise TraceError(file, "config", str(exc)) from None
+
+
+def build_machine(cfg: TraceConfig, *, profile: str | None = None, base_dir: Path | None = None,
+                  file: str = "<trace>") -> Machine:
+    if cfg.host is not None:
+        return _host_machine(cfg, profile, file)
+    vc = unit_config(cfg, profile, file)
+    ram = HostRAM(cfg.ram_size)
+    if cfg.ram_image is not None:
+        from ..ramimage import load_ram_image
+
+        img = Path(cfg.ram_image)
+        if not img.is_absolute() and base_dir is not None:
+            img = base_dir / img
+        load_ram_image(img, base=cfg.ram_base, ram=ram)
+    iommu = VtdIommu(ram, vc)
+    for d in cfg.devices:
+        attach = getattr(iommu, "attach_device", None)
+        if attach is None:
+            raise TraceError(file, "config.devices", "this unit model has no attach_device (ATS/PRI endpoints)")
+        attach(d["sid"], ats=d["ats"], pri=d["pri"], respond=d["respond"])
+    return Machine(ram, iommu, vc)
+
+
+def _host_module(file: str, where: str) -> Any:
+    try:
+        import vtd_emu.host as hostmod
+    except ImportError:
+        raise TraceError(file, where, "host-layer traces need vtd_emu.host, which this installation lacks") from None
+    return hostmod
+
+
+def _host_machine(cfg: TraceConfig, profile: str | None, file: str) -> Machine:
+    """A host-layer trace runs on ``vtd_emu.host.Host``: its RAM and physical unit are the machine's."""
+    hostmod = _host_module(file, "config.host")
+    args = dict(cfg.host or {})
+    if profile is not None or cfg.profile is not None or cfg.overrides or cfg.unit:
+        args["preset"] = unit_config(TraceConfig(preset=str(args.get("preset", "modern")), profile=profile or
+                                                 cfg.profile, overrides=cfg.overrides, unit=cfg.unit), None, file)
+    try:
+        host = hostmod.Host(**args)
+    except (TypeError, ValueError) as exc:
+        raise TraceError(file, "config.host", f"cannot build vtd_emu.host.Host({args}): {exc}") from None
+    return Machine(host.ram, host.iommu, host.iommu.cfg, host, {"host": host})
+
+
+# -- results -----------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if isinstance(v, bool) else "null"
+    if isinstance(v, int):
+        return hex(v)
+    if isinstance(v, (bytes, bytearray)):
+        s = bytes(v).hex()
+        return s if len(s) <= 64 else f"{s[:64]}... ({len(v)} bytes)"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+@dataclass(slots=True)
+class Mismatch:
+    event: int
+    op: str
+    where: str
+    what: str
+    expected: Any
+    actual: Any
+
+    def __str__(self) -> str:
+        loc = f"event {self.event} ({self.op}{', ' + self.where if self.where else ''})"
+        return f"{loc}: {self.what}: expected {_fmt(self.expected)}, got {_fmt(self.actual)}"
+
+
+@dataclass
+class ReplayStats:
+    events: int = 0
+    dmas: int = 0
+    dma_bytes: int = 0
+    chunks: int = 0
+    faults: Counter[int] = field(default_factory=Counter)
+    dropped: int = 0
+    untranslated: int = 0
+    mmio_reads: int = 0
+    mmio_writes: int = 0
+    mem_writes: int = 0
+    qi_descriptors: Counter[str] = field(default_factory=Counter)
+    page_requests: Counter[str] = field(default_factory=Counter)
+    checkpoints: int = 0
+    host_calls: int = 0
+    batched_chunks: int = 0
+    scalar_chunks: int = 0
+    cache: dict[str, int] = field(default_factory=dict)
+    invalidations: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def hit_rates(self) -> dict[str, float | None]:
+        c = self.cache
+
+        def rate(h: str, m: str) -> float | None:
+            tot = c.get(h, 0) + c.get(m, 0)
+            return None if tot == 0 else c.get(h, 0) / tot
+
+        # The front memo answers most IOTLB hits without touching any counter, so the IOTLB's rate is the
+        # share of translation requests served without a page walk.
+        requests = self.chunks - self.untranslated
+        iotlb = None if requests <= 0 else max(0.0, 1.0 - c.get("walks", 0) / requests)
+        return {"iotlb": iotlb, "context": rate("context_hits", "context_misses"),
+                "pasid": rate("pasid_hits", "pasid_misses")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"events": self.events, "dmas": self.dmas, "dma_bytes": self.dma_bytes, "chunks": self.chunks,
+                "faults": {hex(k): v for k, v in sorted(self.faults.items())}, "dropped": self.dropped,
+                "untranslated": self.untranslated, "mmio_reads": self.mmio_reads, "mmio_writes": self.mmio_writes,
+                "mem_writes": self.mem_writes, "qi_descriptors": dict(self.qi_descriptors),
+                "page_requests": dict(self.page_requests), "checkpoints": self.checkpoints,
+                "host_calls": self.host_calls, "batched_chunks": self.batched_chunks,
+                "scalar_chunks": self.scalar_chunks, "cache": dict(self.cache), "hit_rates": self.hit_rates(),
+                "invalidations": dict(self.invalidations), "seconds": round(self.seconds, 6)}
+
+    def merge(self, o: "ReplayStats") -> None:
+        for k in ("events", "dmas", "dma_bytes", "chunks", "dropped", "untranslated", "mmio_reads", "mmio_writes",
+                  "mem_writes", "checkpoints", "host_calls", "batched_chunks", "scalar_chunks"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+        self.seconds += o.seconds
+        self.faults.update(o.faults)
+        self.qi_descriptors.update(o.qi_descriptors)
+        self.page_requests.update(o.page_requests)
+        for k, v in o.cache.items():
+            self.cache[k] = self.cache.get(k, 0) + v
+        for k, v in o.invalidations.items():
+            self.invalidations[k] = self.invalidations.get(k, 0) + v
+
+
+@dataclass
+class ReplayResult:
+    name: str
+    file: str
+    events: int
+    checks: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+    stats: ReplayStats = field(default_factory=ReplayStats)
+    machine: Machine | None = None
+    recorded: Trace | None = None
+
+
+# -- hashes ------------------------------------------------------------------------------------------
+
+
+def memory_hash(ram: HostRAM, ranges: str | list[tuple[int, int]] = "all") -> str:
+    """SHA-256 of memory: every non-zero 4 KiB page as (pfn, bytes) in address order, or the given ranges
+    as (addr, len, bytes).  Never-written and all-zero pages hash alike, so sparse layouts do not matter."""
+    h = hashlib.sha256()
+    if ranges == "all":
+        pf = sorted(ram._rows.items())
+        if pf:
+            pfns = np.fromiter((p for p, _ in pf), np.uint64, len(pf))
+            rows = np.fromiter((r for _, r in pf), np.int64, len(pf))
+            pages = ram._pool[rows]
+            nz = pages.any(axis=1)
+            for p, page in zip(pfns[nz].tolist(), pages[nz]):
+                h.update(int(p).to_bytes(8, "little"))
+                h.update(page.tobytes())
+    else:
+        for a, n in ranges:
+            h.update(a.to_bytes(8, "little") + n.to_bytes(8, "little"))
+            h.update(ram.read(a, n))
+    return h.hexdigest()
+
+
+def registers_hash(iommu: VtdIommu) -> str:
+    """SHA-256 of ``register_dump()`` as ``offset=value`` lines (every register a driver could read)."""
+    text = "".join(f"{off:#x}={val:#x}\n" for off, val in sorted(iommu.register_dump().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fault_list(iommu: VtdIommu) -> list[dict[str, Any]]:
+    return [{"reason": f.reason, "sid": f.sid, "addr": f.addr, "write": f.is_write, "pasid": f.pasid}
+            for f in iommu.fault_records()]
+
+
+def reg_size(iommu: VtdIommu, off: int) -> int:
+    """The natural access size at ``off``: 8 for a qword of a 64- or 128-bit register, else 4."""
+    for slot in iommu.regs.slots.values():
+        if slot.offset <= off < slot.offset + slot.width // 8:
+            return 8 if slot.width >= 64 and (off - slot.offset) % 8 == 0 else 4
+    return 4
+
+
+# -- the replayer --------------------------------------------------------------------------------------
+
+
+Progress = Callable[[int, int], None]
+
+
+class Replayer:
+    def __init__(self, trace: Trace, *, profile: str | None = None, batch: bool = True, record: bool = False,
+                 progress: Progress | None = None, machine: Machine | None = None) -> None:
+        self.trace = trace
+        self.file = trace.source
+        base = Path(trace.source).parent if trace.source and not trace.source.startswith("<") else None
+        self.m = machine or build_machine(trace.config, profile=profile, base_dir=base, file=self.file)
+        self.io = self.m.iommu
+        self.ram = self.m.ram
+        self.batch = batch
+        self.engine = BatchEngine(self.io, window=1 << 20) if batch and isinstance(self.io.mem, HostRAM) else None
+        self.record = record
+        self.progress = progress
+        self.result = ReplayResult(trace.name, self.file, trace.event_count(), machine=self.m)
+        self.stats = self.result.stats
+        self.out_events: list[Event | DmaBlock] = []
+        self.index = 0
+
+    # -- driver --------------------------------------------------------------------------------------
+    def run(self) -> ReplayResult:
+        t0 = time.perf_counter()
+        c0 = self._cache_snapshot()
+        total = self.result.events
+        last = t0
+        events = blockify(self.trace.events, BATCH_MIN_RUN) if self.engine is not None else self.trace.events
+        for ev in events:
+            if isinstance(ev, DmaBlock):
+                step = PROGRESS_ROWS if self.progress is not None else len(ev)
+                if len(ev) <= step:
+                    self._block(ev)
+                else:
+                    # Slices replay exactly like the whole block; they only let progress move.
+                    for a in range(0, len(ev), step):
+                        self._block(ev.slice(a, min(len(ev), a + step)))
+                        self.progress(self.index, total)  # type: ignore[misc]
+            else:
+                self._event(ev)
+            if self.progress is not None:
+                now = time.perf_counter()
+                if now - last >= 0.2:
+                    self.progress(self.index, total)
+                    last = now
+        if self.progress is not None:
+            self.progress(self.index, total)
+        st = self.stats
+        st.events = self.index
+        c1 = self._cache_snapshot()
+        st.cache = {k: c1[0][k] - c0[0].get(k, 0) for k in c1[0]}
+        st.invalidations = {k: v - c0[1].get(k, 0) for k, v in c1[1].items() if v - c0[1].get(k, 0)}
+        if self.engine is not None:
+            st.batched_chunks = self.engine.stats.batched_chunks
+            st.scalar_chunks += self.engine.stats.scalar_chunks
+        st.seconds = time.perf_counter() - t0
+        if self.record:
+            t = self.trace
+            self.result.recorded = Trace(t.config, self.out_events, t.name, t.description, t.source)
+        return self.result
+
+    def _cache_snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
+        s = self.io.caches.stats
+        keys = ("iotlb_hits", "iotlb_misses", "context_hits", "context_misses", "pasid_hits", "pasid_misses",
+                "walks")
+        return {k: int(getattr(s, k, 0)) for k in keys}, dict(s.invalidations)
+
+    def _mis(self, ev_index: int, op: str, where: str, what: str, exp: Any, act: Any) -> None:
+        if where == f"event {ev_index}":
+            where = self._yaml_line(ev_index)
+        self.result.mismatches.append(Mismatch(ev_index, op, where, what, exp, act))
+
+    def _yaml_line(self, index: int) -> str:
+        """``line N`` of event ``index`` in a YAML source (looked up once, on the first mismatch)."""
+        if not hasattr(self, "_lines"):
+            from .model import _yaml_event_lines, kind_from_name
+
+            src = self.trace.source
+            lines: list[int] = []
+            if kind_from_name(src) == "yaml":
+                try:
+                    lines = _yaml_event_lines(Path(src).read_text())
+                except OSError:
+                    lines = []
+            self._lines = lines
+        return f"line {self._lines[index]}" if index < len(self._lines) else ""
+
+    def _check(self, i: int, ev: Event, what: str, exp: Any, act: Any) -> None:
+        self.result.checks += 1
+        if exp != act:
+            self._mis(i, ev.op, ev.where, what, exp, act)
+
+    # -- one event -----------------------------------------------------------------------------------
+    def _event(self, ev: Event) -> None:
+        i = self.index
+        self.index += 1
+        op = ev.op
+        handler = _HANDLERS.get(op)
+        if handler is None:
+            if op.startswith("host."):
+                obs = self._host(ev)
+            else:
+                raise TraceError(self.file, ev.where or f"event {i}", f"unknown op {op!r}")
+        else:
+            obs = handler(self, ev)
+        exp = ev.expect
+        if exp:
+            for k, v in exp.items():
+                if k == "regs":
+                    for off, (val, mask) in v.items():
+                        act = self.io.mmio_read(off, reg_size(self.io, off))
+                        self._check(i, ev, f"register {off:#x}", val & mask, act & mask)
+                elif k == "mem":
+                    for a, data in v:
+                        self._check(i, ev, f"memory at {a:#x}", data, self.ram.read(a, len(data)))
+                elif k in obs:
+                    self._check(i, ev, k, v, obs[k])
+        if self.record:
+            self.out_events.append(Event(op, ev.fields, self._fresh(ev, obs), ev.note, ev.where))
+
+    def _fresh(self, ev: Event, obs: dict[str, Any]) -> dict[str, Any] | None:
+        keys = ("result", "errno") if ev.op.startswith("host.") else _RECORDED.get(ev.op, ())
+        out: dict[str, Any] = {k: v for k, v in obs.items() if k in keys}
+        old = ev.expect or {}
+        if "regs" in old:
+            out["regs"] = {off: (self.io.mmio_read(off, reg_size(self.io, off)) & mask, mask)
+                           for off, (_, mask) in old["regs"].items()}
+        if "mem" in old:
+            out["mem"] = [(a, self.ram.read(a, len(d))) for a, d in old["mem"]]
+        for k in old:
+            if k not in out and k in obs:
+                out[k] = obs[k]
+        return out or None
+
+    def _mem_write(self, ev: Event) -> dict[str, Any]:
+        f = ev.fields
+        self.stats.mem_writes += 1
+        if "qwords" in f:
+            a = f["addr"]
+            for k, q in enumerate(f["qwords"]):
+                self.ram.write_u64(a + 8 * k, q)
+        else:
+            self.ram.write(f["addr"], f["hex"])
+        return {}
+
+    def _mem_read(self, ev: Event) -> dict[str, Any]:
+        return {"hex": self.ram.read(ev.fields["addr"], ev.fields["len"])}
+
+    def _mmio_write(self, ev: Event) -> dict[str, Any]:
+        self.stats.mmio_writes += 1
+        self.io.mmio_write(ev.fields["offset"], ev.fields["value"], ev.fields["size"])
+        return {}
+
+    def _mmio_read(self, ev: Event) -> dict[str, Any]:
+        self.stats.mmio_reads += 1
+        return {"value": self.io.mmio_read(ev.fields["offset"], ev.fields["size"])}
+
+    def _qi_submit(self, ev: Event) -> dict[str, Any]:
+        self.submit_descriptors(ev.fields["descriptors"], ev.where or f"event {self.index - 1}")
+        return {}
+
+    def submit_descriptors(self, descs: list[tuple[int, ...]], where: str) -> None:
+        """Write descriptors at the queue tail (from IQA/IQT as software reads them) and advance IQT."""
+        io = self.io
+        iqa = io.mmio_read(IQA, 8)
+        iqt = io.mmio_read(IQT, 8)
+        base = iqa & ~0xFFF & ((1 << io.cfg.haw) - 1)
+        slot = 32 if (iqa >> 11) & 1 else 16
+        qbytes = 4096 << (iqa & 7)
+        off = iqt & 0x7FFF0
+        for k, d in enumerate(descs):
+            if len(d) * 8 > slot:
+                raise TraceError(self.file, f"{where} (qi_submit) descriptor {k}",
+                                 "a 256-bit descriptor needs a queue with IQA.DW=1 (256-bit slots)")
+            qws = list(d) + [0] * (slot // 8 - len(d))
+            for j, q in enumerate(qws):
+                self.ram.write_u64(base + (off + 8 * j) % qbytes, q)
+            off = (off + slot) % qbytes
+            t = (d[0] & 0xF) | ((d[0] >> 9) & 7) << 4
+            self.stats.qi_descriptors[DESC_TYPE_NAMES.get(t, f"type-{t:#x}")] += 1
+        io.mmio_write(IQT, off, 4)
+
+    def _dma(self, ev: Event) -> dict[str, Any]:
+        f = ev.fields
+        data, faults, addrs = self.dma(f["sid"], f.get("pasid"), f["iova"], f["len"], f["dir"] == "write",
+                                       f.get("priv", False), f.get("data"))
+        obs: dict[str, Any] = {"faults": faults, "addrs": addrs}
+        if data is not None:
+            obs["data"] = data
+        return obs
+
+    def dma(self, sid: int, pasid: int | None, iova: int, length: int, write: bool, priv: bool,
+            data: bytes | None) -> tuple[bytes | None, list[int], list[int | None]]:
+        """One DMA, chunk by chunk through ``xlate`` (the scalar path): (bytes read, faults, addresses)."""
+        io, ram = self.io, self.ram
+        st = self.stats
+        ptag = NO_PASID if pasid is None else pasid
+        req = (WRITE if write else READ) | (PRIV if priv else 0)
+        window = io.quirks.interrupt_window_untranslated
+        xl = io.xlate
+        out = None if write else bytearray(length)
+        faults: list[int] = []
+        addrs: list[int | None] = []
+        st.dmas += 1
+        st.dma_bytes += length
+        pos = 0
+        mv = memoryview(data) if data is not None else None
+        while pos < length:
+            a = iova + pos
+            n = min(4096 - (a & 0xFFF), length - pos)
+            st.chunks += 1
+            st.scalar_chunks += 1
+            if window and MSI_LO <= a < MSI_HI:
+                st.untranslated += 1
+                addrs.append(None)
+                pos += n
+                continue
+            hpa = xl(sid, ptag, a, req)
+            if hpa >= 0:
+                addrs.append(hpa)
+                if write:
+                    assert mv is not None
+                    ram.write(hpa, mv[pos:pos + n])
+                else:
+                    assert out is not None
+                    out[pos:pos + n] = ram.read(hpa, n)
+            else:
+                addrs.append(None)
+                if hpa == DROPPED:
+                    st.dropped += 1
+                else:
+                    faults.append(-hpa)
+                    st.faults[-hpa] += 1
+            pos += n
+        return (None if out is None else bytes(out)), faults, addrs
+
+    def _page_request(self, ev: Event) -> dict[str, Any]:
+        fn = getattr(self.io, "page_request", None)
+        if fn is None:
+            raise TraceError(self.file, ev.where or f"event {self.index - 1}",
+                             "page_request: this unit model has no page_request (needs vtd_emu.vtd.prq)")
+        f = ev.fields
+        status = fn(f["sid"], f["addr"], read=f["read"], write=f["write"], exe=f["exe"], priv=f["priv"],
+                    pasid=f.get("pasid"), last=f["last"], prgi=f["prgi"], private_data=f.get("private_data"))
+        s = str(getattr(status, "value", status))
+        self.stats.page_requests[s] += 1
+        return {"status": s}
+
+    def _page_response(self, ev: Event) -> dict[str, Any]:
+        where = ev.where or f"event {self.index - 1}"
+        if getattr(self.io, "page_request", None) is None or getattr(self.io, "qi", None) is None:
+            raise TraceError(self.file, where, "page_response: this unit model has no page requests or no "
+                                               "invalidation queue to carry the response")
+        try:
+            from ..vtd.qi import T_PAGE_RESPONSE, make_descriptor
+        except ImportError:
+            raise TraceError(self.file, where, "page_response needs vtd_emu.vtd.qi") from None
+        f = ev.fields
+        pasid = f.get("pasid")
+        desc = make_descriptor(T_PAGE_RESPONSE, PP=int(pasid is not None), RC=f["code"], RID=f["sid"],
+                               PASID=pasid or 0, PRGI=f["prgi"])
+        self.submit_descriptors([desc], where)
+        return {}
+
+    def _checkpoint(self, ev: Event) -> dict[str, Any]:
+        self.stats.checkpoints += 1
+        f = ev.fields
+        obs: dict[str, Any] = {"mem_sha256": memory_hash(self.ram, f["mem"]), "faults": fault_list(self.io),
+                               "interrupts": len(self.io.interrupts)}
+        if f.get("regs", True):
+            obs["regs_sha256"] = registers_hash(self.io)
+        return obs
+
+    def _note(self, ev: Event) -> dict[str, Any]:
+        return {}
+
+    def _host(self, ev: Event) -> dict[str, Any]:
+        where = ev.where or f"event {self.index - 1}"
+        hostmod = _host_module(self.file, where)
+        m = self.m
+        if m.host is None:
+            raise TraceError(self.file, f"{where} ({ev.op})", "host-layer events run on a host machine: give "
+                                                              "config.host (vtd_emu.host.Host arguments)")
+        target_name = ev.fields.get("target") or "host"
+        target = m.objects.get(target_name)
+        if target is None:
+            raise TraceError(self.file, f"{where} ({ev.op}) field 'target'",
+                             f"no object named {target_name!r}; bound so far: {sorted(m.objects)}")
+        method = ev.op[5:]
+        fn = getattr(target, method, None)
+        if fn is None or not callable(fn):
+            raise TraceError(self.file, f"{where} ({ev.op})", f"{type(target).__name__} has no method {method!r}")
+        try:
+            args = {k: _resolve(v, m.objects, hostmod) for k, v in (ev.fields.get("args") or {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TraceError(self.file, f"{where} ({ev.op}) args", str(exc)) from None
+        self.stats.host_calls += 1
+        try:
+            result = fn(**args)
+            err = None
+        except OSError as exc:
+            result, err = None, exc.errno
+        except (TypeError, ValueError) as exc:
+            # A call the host layer refuses as a programming error (not an errno) is a bad trace.
+            raise TraceError(self.file, f"{where} ({ev.op}) args", f"{type(exc).__name__}: {exc}") from None
+        if ev.fields.get("as"):
+            m.objects[ev.fields["as"]] = result
+        return {"result": _jsonable(result), "errno": err}
+
+    # -- DMA blocks ----------------------------------------------------------------------------------
+    def _block(self, blk: DmaBlock) -> None:
+        i0 = self.index
+        n = len(blk)
+        self.index += n
+        want_data = self.record or (blk.exp_flags is not None and bool((blk.exp_flags & 4).any()))
+        st = self.stats
+        run = run_block(self.engine, self.io, blk.sid, blk.pasid, blk.iova, blk.length, blk.write, blk.priv,
+                        blk.data_off, blk.data, want_data)
+        if self.engine is None:
+            st.scalar_chunks += int(run.res.size)
+        res = run.res
+        st.dmas += n
+        st.dma_bytes += int(blk.length.astype(np.int64).sum())
+        st.chunks += int(res.size)
+        bad = res < 0
+        if bad.any():
+            neg = res[bad]
+            st.dropped += int((neg == DROPPED).sum())
+            st.untranslated += int((neg == SKIPPED).sum())
+            real = neg[(neg != DROPPED) & (neg != SKIPPED)]
+            if real.size:
+                vals, cnts = np.unique(-real, return_counts=True)
+                for v, c in zip(vals.tolist(), cnts.tolist()):
+                    st.faults[v] += c
+        if blk.exp_flags is not None:
+            self._check_block(i0, blk, run)
+        if self.record:
+            self.out_events.append(self._recorded_block(blk, run))
+
+    def _row_obs(self, blk: DmaBlock, run: Any, r: int) -> dict[str, Any]:
+        sel = np.flatnonzero(run.row == r)
+        res = run.res[sel].tolist()
+        obs: dict[str, Any] = {"faults": [-x for x in res if x < 0 and x not in (DROPPED, SKIPPED)],
+                               "addrs": [x if x >= 0 else None for x in res]}
+        if not blk.write[r] and run.read_buf is not None:
+            o = int(run.read_off[r])
+            obs["data"] = run.read_buf[o:o + int(blk.length[r])].tobytes()
+        return obs
+
+    def _check_block(self, i0: int, blk: DmaBlock, run: Any) -> None:
+        flags = blk.exp_flags
+        assert flags is not None
+        rows_f = np.flatnonzero(flags & 1)
+        rows_a = np.flatnonzero(flags & 2)
+        rows_d = np.flatnonzero(flags & 4)
+        self.result.checks += int(rows_f.size + rows_a.size + rows_d.size)
+        suspects: set[int] = set()
+        res = run.res
+        if rows_a.size:
+            assert blk.exp_addrs_ptr is not None and blk.exp_addrs is not None
+            cnt = np.bincount(run.row, minlength=len(blk))
+            exp_cnt = np.diff(blk.exp_addrs_ptr)
+            wrong = rows_a[cnt[rows_a] != exp_cnt[rows_a]]
+            suspects.update(wrong.tolist())
+            okr = np.zeros(len(blk), bool)
+            okr[rows_a] = True
+            okr[wrong] = False
+            sel = okr[run.row]
+            act = np.where(res[sel] >= 0, res[sel], -1)
+            # Expected values of the selected rows, in chunk order (rows are contiguous in both).
+            starts = blk.exp_addrs_ptr[:-1]
+            need = np.flatnonzero(okr)
+            idx = _ranges(starts[need], exp_cnt[need])
+            exp = blk.exp_addrs[idx] if idx.size else np.zeros(0, np.int64)
+            diff = np.flatnonzero(act != exp)
+            if diff.size:
+                suspects.update(np.unique(run.row[sel][diff]).tolist())
+        if rows_f.size:
+            assert blk.exp_faults_ptr is not None and blk.exp_faults is not None
+            fmask = (res < 0) & (res != DROPPED) & (res != SKIPPED)
+            fcnt = np.bincount(run.row[fmask], minlength=len(blk))
+            exp_cnt = np.diff(blk.exp_faults_ptr)
+            wrong = rows_f[fcnt[rows_f] != exp_cnt[rows_f]]
+            suspects.update(wrong.tolist())
+            okr = np.zeros(len(blk), bool)
+            okr[rows_f] = True
+            okr[wrong] = False
+            sel = fmask & okr[run.row]
+            act = -res[sel]
+            need = np.flatnonzero(okr & (exp_cnt > 0))
+            idx = _ranges(blk.exp_faults_ptr[:-1][need], exp_cnt[need])
+            exp = blk.exp_faults[idx].astype(np.int64) if idx.size else np.zeros(0, np.int64)
+            diff = np.flatnonzero(act != exp)
+            if diff.size:
+                suspects.update(np.unique(run.row[sel][diff]).tolist())
+        if rows_d.size:
+            assert blk.exp_data_ptr is not None and blk.exp_data is not None and run.read_buf is not None
+            for r in rows_d.tolist():
+                a, b = int(blk.exp_data_ptr[r]), int(blk.exp_data_ptr[r + 1])
+                o = int(run.read_off[r])
+                if o < 0 or not np.array_equal(run.read_buf[o:o + (b - a)], blk.exp_data[a:b]) \
+                        or b - a != int(blk.length[r]):
+                    suspects.add(r)
+        for r in sorted(suspects):
+            exp = blk.row_expect(r) or {}
+            obs = self._row_obs(blk, run, r)
+            for k in ("faults", "addrs", "data"):
+                if k in exp and exp[k] != obs.get(k):
+                    # Rows of a block carry no line of their own: the event number locates them.
+                    self._mis(i0 + r, "dma", "", k, exp[k], obs.get(k))
+
+    def _recorded_block(self, blk: DmaBlock, run: Any) -> DmaBlock:
+        n = len(blk)
+        res = run.res
+        out = DmaBlock(blk.sid, blk.pasid, blk.iova, blk.length, blk.write, blk.priv, blk.data_off, blk.data,
+                       where=blk.where)
+        flags = np.where(blk.write, 3, 7).astype(np.uint8)
+        ccount = np.bincount(run.row, minlength=n)
+        aptr = np.zeros(n + 1, np.int64)
+        np.cumsum(ccount, out=aptr[1:])
+        fmask = (res < 0) & (res != DROPPED) & (res != SKIPPED)
+        fptr = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(run.row[fmask], minlength=n), out=fptr[1:])
+        dl = np.where(blk.write, 0, blk.length.astype(np.int64))
+        dptr = np.zeros(n + 1, np.int64)
+        np.cumsum(dl, out=dptr[1:])
+        out.exp_flags = flags
+        out.exp_addrs_ptr, out.exp_addrs = aptr, np.where(res >= 0, res, -1).astype(np.int64)
+        out.exp_faults_ptr, out.exp_faults = fptr, (-res[fmask]).astype(np.uint16)
+        out.exp_data_ptr = dptr
+        out.exp_data = run.read_buf if run.read_buf is not None else np.zeros(0, np.uint8)
+        return out
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s+c) for each (s, c), vectorised."""
+    counts = counts.astype(np.int64)
+    tot = int(counts.sum())
+    if tot == 0:
+        return np.zeros(0, np.int64)
+    rep = np.repeat(starts.astype(np.int64) - (np.cumsum(counts) - counts), counts)
+    return rep + np.arange(tot, dtype=np.int64)
+
+
+def _resolve(v: Any, objects: dict[str, Any], hostmod: Any) -> Any:
+    """Host-call arguments: ``"$name"`` is an object bound earlier with ``as``; ``{"$hex": "..."}`` bytes;
+    ``{"$new": "HwptVtdS1", field: value...}`` an instance of a ``vtd_emu.host`` class; ``"0x..."`` strings
+    stay strings unless a ``{"$int": "0x..."}`` asks for an int."""
+    if isinstance(v, str) and v.startswith("$"):
+        if v[1:] not in objects:
+            raise KeyError(f"{v}: no object of that name; bound so far: {sorted(objects)}")
+        return objects[v[1:]]
+    if isinstance(v, list):
+        return [_resolve(x, objects, hostmod) for x in v]
+    if isinstance(v, dict):
+        if set(v) == {"$hex"}:
+            return bytes.fromhex(v["$hex"])
+        if set(v) == {"$int"}:
+            return int(v["$int"], 0) if isinstance(v["$int"], str) else int(v["$int"])
+        if "$new" in v:
+            cls = getattr(hostmod, str(v["$new"]), None)
+            if cls is None or not isinstance(cls, type):
+                raise ValueError(f"$new: vtd_emu.host has no class {v['$new']!r}")
+            return cls(**{k: _resolve(x, objects, hostmod) for k, x in v.items() if k != "$new"})
+        return {k: _resolve(x, objects, hostmod) for k, x in v.items()}
+    return v
+
+
+def _jsonable(v: Any) -> Any:
+    import dataclasses
+
+    if v is None or isinstance(v, (bool, int, str, float)):
+        return v
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if hasattr(v, "_asdict"):
+        return {k: _jsonable(x) for k, x in v._asdict().items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return f"<{type(v).__name__}>"
+
+
+_HANDLERS: dict[str, Callable[[Replayer, Event], dict[str, Any]]] = {
+    "mem_write": Replayer._mem_write,
+    "mem_read": Replayer._mem_read,
+    "mmio_write": Replayer._mmio_write,
+    "mmio_read": Replayer._mmio_read,
+    "qi_submit": Replayer._qi_submit,
+    "dma": Replayer._dma,
+    "page_request": Replayer._page_request,
+    "page_response": Replayer._page_response,
+    "checkpoint": Replayer._checkpoint,
+    "note": Replayer._note,
+}
+
+# Expectations ``record`` fills for every event of an op.
+_RECORDED: dict[str, tuple[str, ...]] = {
+    "dma": ("faults", "addrs", "data"),
+    "mmio_read": ("value",),
+    "mem_read": ("hex",),
+    "page_request": ("status",),
+    "checkpoint": ("mem_sha256", "regs_sha256", "faults", "interrupts"),
+}
+
+
+def replay(trace: Trace, **kwargs: Any) -> ReplayResult:
+    return Replayer(trace, **kwargs).run()
+
+
+def replay_file(path: str | Path, **kwargs: Any) -> ReplayResult:
+    from .model import load_trace
+
+    return Replayer(load_trace(path), **kwargs).run()
