@@ -32,7 +32,6 @@ class Quirks:
     intr_range_whole_leaf: bool = False
     pasid_entry_uncached: bool = False
     cached_perm_drop_silently: bool = False
-    faulting_dma_continues_bytewise: bool = False
     no_psc: bool = False
     qemu_reserved_bits: bool = False
     qemu_mmio_access: bool = False
