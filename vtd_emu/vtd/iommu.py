@@ -13,7 +13,7 @@ from ..memory import Memory
 from ..spec import specs
 from .access import EXEC, NO_PASID, PRIV, READ, REQ_W, REQ_X, WRITE, describe, ss_allowed
 from .caches import (E_ALIVE, E_ALLOWED, E_KIND, E_SHIFT, KIND_FS, KIND_NAMES, KIND_NESTED, KIND_PT, KIND_SS,
-                     Caches, iotlb_key)
+                     Caches, iotlb_key, sid_matches)
 from .config import VtdConfig
 from .events import EventUnit, Interrupt
 from .faults import QUALIFIED, FaultRecord, FaultUnit, reason_name
@@ -137,6 +137,7 @@ class VtdIommu:
         self._front_get = self.caches.front.get
         self.suppressed = 0
         self._pt_bypass: set[int] = set()
+        self._last_entry: list[int] | None = None
         self._iva = 0
         self._compile()
         # Translation state latched by GCMD
@@ -332,7 +333,7 @@ class VtdIommu:
             return 2
         if granularity == 3:
             c.context_device(sid, fm)
-            self._pt_bypass = {s for s in self._pt_bypass if not _fm_match(s, sid, fm)}
+            self._pt_bypass = {s for s in self._pt_bypass if not sid_matches(s, sid, fm)}
             return 3
         return 0
 
@@ -379,11 +380,12 @@ class VtdIommu:
         req = _req(access, priv, exe, pasid)
         ptag = NO_PASID if pasid is None else pasid
         before = self.faults.recorded
+        self._last_entry = None
         out = self.xlate(sid, ptag, iova, req)
         if out >= 0:
-            e = self._entry_for(sid, ptag, iova)
-            if e is None:
-                return Translation(out, 4096, describe(req & 3), "untranslated" if not self.te else "uncached")
+            e = self._last_entry or self._entry_for(sid, ptag, iova)
+            if e is None:  # translation disabled, or a pass-through bypass
+                return Translation(out, 4096, describe(req & 3), "untranslated")
             return Translation(out, 1 << e[E_SHIFT], _perm_text(e[E_ALLOWED]), KIND_NAMES[e[E_KIND]])
         reason = -out if out != DROPPED else 0
         return Fault(reason, reason_name(reason) if reason else "DROPPED", iova, self.faults.recorded > before)
@@ -440,6 +442,7 @@ class VtdIommu:
                 return DROPPED
             return self._fault(sid, ptag, iova, req, r)
         e, out = r  # type: ignore[misc]
+        self._last_entry = e  # for translate(): the slow path is the only one that builds entries
         if e[E_ALIVE] and e[E_ALLOWED] and self.front_ok:
             c = self.caches
             c.put_front((((sid << 21) | ptag) << 52) | (iova >> 12), out & ~0xFFF, e)
@@ -900,11 +903,6 @@ class _ReadOnly:
 
     def write(self, addr: int, data: bytes) -> int:
         return len(data)
-
-
-def _fm_match(a: int, b: int, fm: int) -> bool:
-    from .caches import sid_matches
-    return sid_matches(a, b, fm)
 
 
 def _req(access: str | int, priv: bool, exe: bool, pasid: int | None) -> int:
