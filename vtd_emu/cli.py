@@ -15,7 +15,7 @@ from .vtd.access import EXEC, PRIV, READ, WRITE
 from .vtd.config import VtdConfig, preset_names, profile_names
 from .vtd.dump import Leaves, leaves, merge, perm_text
 from .vtd.faults import reason_name
-from .vtd.iommu import Fault, VtdIommu
+from .vtd.iommu import Fault, Translation, VtdIommu, allowed_text
 from .vtd.walk import FS_NAMES, SS_CODES_SM, SS_NAMES, Geometry, canonical, fs_walk, ss_walk
 
 
@@ -59,16 +59,16 @@ def _describe_step(name: str, level: int, addr: int, value: int | tuple[int, ...
         assert isinstance(value, int)
         lay = _entry_layout(name, level, value)
         return f"  {lay:<22} L{level} @ {addr:#014x} = {value:#018x}  {specs().structure(lay).format(value)}"
-    lay = specs().structure(name)
+    layout = specs().structure(name)
     if isinstance(value, tuple):
         whole = sum((q & ((1 << 64) - 1)) << (64 * i) for i, q in enumerate(value))
         if min(value) < 0:
             return f"  {name:<22}    @ {addr:#014x} = <not memory>"
         qs = " ".join(f"{q:#018x}" for q in value)
-        return f"  {name:<22}    @ {addr:#014x} = {qs}\n{'':28}{lay.format(whole)}"
+        return f"  {name:<22}    @ {addr:#014x} = {qs}\n{'':28}{layout.format(whole)}"
     if value < 0:
         return f"  {name:<22}    @ {addr:#014x} = <not memory>"
-    return f"  {name:<22}    @ {addr:#014x} = {value:#018x}  {lay.format(value)}"
+    return f"  {name:<22}    @ {addr:#014x} = {value:#018x}  {layout.format(value)}"
 
 
 def _req(access: str, priv: bool, exe: bool) -> int:
@@ -121,15 +121,14 @@ def cmd_walk(args: argparse.Namespace, out: TextIO) -> int:
         if isinstance(r, int):
             res = Fault(r, reason_name(r), args.iova, False)
         else:
-            base, shift, _ = r
-            res = (base | (args.iova & ((1 << shift) - 1)), 1 << shift)
+            base, shift, perm = r
+            perms = perm_text(perm & 7, "ss") if stage == "ss" else allowed_text(perm)
+            res = Translation(base | (args.iova & ((1 << shift) - 1)), 1 << shift, perms,
+                              "first-stage" if stage == "fs" else "second-stage")
     if isinstance(res, Fault):
         print(f"result: fault {res.reason:#x} {res.name}", file=out)
         return 1
-    if isinstance(res, tuple) and not hasattr(res, "kind"):
-        print(f"result: {res[0]:#x} (page {res[1]:#x})", file=out)
-    else:
-        print(f"result: {res.addr:#x} (page {res.page_size:#x}, {res.perms}, {res.kind})", file=out)  # type: ignore[union-attr]
+    print(f"result: {res.addr:#x} (page {res.page_size:#x}, {res.perms}, {res.kind})", file=out)
     return 0
 
 
@@ -279,8 +278,8 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
         events += r.events
         bad += len(r.mismatches)
         if args.check:
-            for m in r.mismatches:
-                print(f"{path}: {m}", file=out)
+            for mismatch in r.mismatches:
+                print(f"{path}: {mismatch}", file=out)
         stats.merge(r.stats)
         summary.append({"file": path, "id": trace.name or Path(path).stem, "events": r.events, "checks": r.checks,
                         "mismatches": len(r.mismatches), "stats": r.stats.to_dict()})

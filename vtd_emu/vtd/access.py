@@ -5,14 +5,16 @@ A request is a 4-bit int: READ, WRITE (both = AtomicOp), EXEC, PRIV.  A cached t
 
 from __future__ import annotations
 
+from typing import Callable
+
 READ, WRITE, EXEC, PRIV = 1, 2, 4, 8
 
 NO_PASID = 1 << 20
 """Tag of requests without PASID (PASIDs are 20 bits)."""
 
 
-def _mask(pred: object) -> int:
-    return sum(1 << r for r in range(16) if pred(r))  # type: ignore[operator]
+def _mask(pred: Callable[[int], int]) -> int:
+    return sum(1 << r for r in range(16) if pred(r))
 
 
 REQ_R = _mask(lambda r: r & READ)

@@ -116,10 +116,9 @@ def _descend(mem: Memory, table: int, level: int, va_base: int, perm: int, rsvd:
         cols[5].append(e)
     if level > 1:
         for i in np.nonzero(present & ~is_leaf)[0].tolist():
-            e = int(arr[i])
-            sub_perm = perm & int(eperm[i])
-            _descend(mem, e & ADDR_MASK, level - 1, va_base + (i << shift), sub_perm,
-                     rsvd or bool(e & geo.rsvd_table[level]), stage, geo, cols)
+            entry = int(arr[i])
+            _descend(mem, entry & ADDR_MASK, level - 1, va_base + (i << shift), perm & int(eperm[i]),
+                     rsvd or bool(entry & geo.rsvd_table[level]), stage, geo, cols)
 
 
 def merge(lv: Leaves) -> list[Range]:

@@ -199,11 +199,11 @@ class VtdIommu:
         self.lctx_rsvd = lc.qword_masks(lc_rsvd)
         self.lctx = {n: lc.field(n) for n in ("P", "FPD", "TT", "SLPTPTR", "AW", "DID")}
         sr, sc = sp.structure("sm_root_entry"), sp.structure("sm_context_entry")
-        self.sroot_rsvd = sr.qword_masks(sr.reserved_mask(frozenset(), haw))
+        self.sroot_rsvd: tuple[int, ...] = sr.qword_masks(sr.reserved_mask(frozenset(), haw))
         sc_feat = {n for n in ("RPS", "RPRIVS") if cfg.ecap_field(n)}
         if q.qemu_reserved_bits:
             above_haw = ~((1 << haw) - 1) & ((1 << 64) - 1)
-            self.sctx_rsvd = ((0xF << 5) | above_haw, ~((1 << 21) - 1) & ((1 << 64) - 1), (1 << 64) - 1, (1 << 64) - 1)
+            self.sctx_rsvd: tuple[int, ...] = ((0xF << 5) | above_haw, ~((1 << 21) - 1) & ((1 << 64) - 1), (1 << 64) - 1, (1 << 64) - 1)
         else:
             self.sctx_rsvd = sc.qword_masks(sc.reserved_mask(frozenset(sc_feat), haw))
         self.enforce_pdts = not q.qemu_reserved_bits
@@ -386,7 +386,7 @@ class VtdIommu:
             e = self._last_entry or self._entry_for(sid, ptag, iova)
             if e is None:  # translation disabled, or a pass-through bypass
                 return Translation(out, 4096, describe(req & 3), "untranslated")
-            return Translation(out, 1 << e[E_SHIFT], _perm_text(e[E_ALLOWED]), KIND_NAMES[e[E_KIND]])
+            return Translation(out, 1 << e[E_SHIFT], allowed_text(e[E_ALLOWED]), KIND_NAMES[e[E_KIND]])
         reason = -out if out != DROPPED else 0
         return Fault(reason, reason_name(reason) if reason else "DROPPED", iova, self.faults.recorded > before)
 
@@ -460,16 +460,9 @@ class VtdIommu:
             hitr = self._probe_iotlb(sid, 0, iova, req)
             if hitr is not None:
                 return hitr
-        ctx = c.context.get(sid) if cached else None
-        if ctx is None:
-            ctx = self._load_context(sid, trace)
-            if type(ctx) is int:
-                return ctx  # type: ignore[return-value]
-            if cached:
-                st.context_misses += 1
-                c.put_context(sid, ctx)  # type: ignore[arg-type]
-        else:
-            st.context_hits += 1
+        ctx = self.context_entry(sid, trace)
+        if type(ctx) is int:
+            return ctx  # type: ignore[return-value]
         psc_ss = c.psc_ss if (cached and c.psc_size) else None
         if ctx[0] == _CTX_LEGACY:  # type: ignore[index]
             _, did, tt, levels, slptptr, fpd = ctx  # type: ignore[misc]
@@ -504,17 +497,9 @@ class VtdIommu:
             if not paside:
                 return 0x45 | cfpd << 8
             pasid = ptag
-        pe = c.pasid.get((sid, pasid)) if (cached and not q.pasid_entry_uncached) else None
-        if pe is None:
-            pe = self._load_pasid(pdir, pdts, cfpd, pasid, trace)
-            if type(pe) is int:
-                return pe  # type: ignore[return-value]
-            if cached:
-                st.pasid_misses += 1
-                if not q.pasid_entry_uncached:
-                    c.put_pasid(sid, pasid, pe)  # type: ignore[arg-type]
-        else:
-            st.pasid_hits += 1
+        pe = self.pasid_entry(sid, ctx, pasid, trace)  # type: ignore[arg-type]
+        if type(pe) is int:
+            return pe  # type: ignore[return-value]
         did, pgtt, ss_levels, ssptptr, fs_levels, fsptptr, fpd, flags, ssade, ssee = pe  # type: ignore[misc]
         fpd_info = fpd << 8 | _WALK | pasid << 10
         if req & PRIV and not flags & F_SRE:
@@ -564,6 +549,39 @@ class VtdIommu:
             base, shift, allowed = res  # type: ignore[misc]
             return self._fill(tag, pasid, did, KIND_FS, iova, base, shift, allowed, fpd_info, True, cached)
         return self._nested(tag, pasid, did, iova, req, pe, fpd_info, trace)  # type: ignore[arg-type]
+
+    def context_entry(self, sid: int, trace: list | None = None) -> "tuple[int, ...] | int":
+        """The decoded context entry of ``sid`` through the context cache (filled on a miss), or a fault
+        int.  With ``trace`` the cache is bypassed and the structures read are appended to it."""
+        c = self.caches
+        if trace is None:
+            ctx = c.context.get(sid)
+            if ctx is not None:
+                c.stats.context_hits += 1
+                return ctx
+        loaded = self._load_context(sid, trace)
+        if trace is None and type(loaded) is not int:
+            c.stats.context_misses += 1
+            c.put_context(sid, loaded)  # type: ignore[arg-type]
+        return loaded
+
+    def pasid_entry(self, sid: int, ctx: tuple[int, ...], pasid: int,
+                    trace: list | None = None) -> "tuple[int, ...] | int":
+        """The decoded PASID entry of (sid, pasid) under a scalable context, through the PASID cache, or a
+        fault int; ``trace`` as for :meth:`context_entry`."""
+        c = self.caches
+        uncached = self.quirks.pasid_entry_uncached
+        if trace is None and not uncached:
+            pe = c.pasid.get((sid, pasid))
+            if pe is not None:
+                c.stats.pasid_hits += 1
+                return pe
+        loaded = self._load_pasid(ctx[2], ctx[3], ctx[1], pasid, trace)
+        if trace is None and type(loaded) is not int:
+            c.stats.pasid_misses += 1
+            if not uncached:
+                c.put_pasid(sid, pasid, loaded)  # type: ignore[arg-type]
+        return loaded
 
     def _nested(self, tag: int, pasid: int, did: int, iova: int, req: int, pe: tuple[int, ...], fpd_info: int,
                 trace: list[TraceEntry] | None) -> "tuple[list[int], int] | int":
@@ -805,7 +823,7 @@ class VtdIommu:
             reason = res & 0xFF
             return WalkReport(steps, Fault(reason, reason_name(reason), iova, False))
         e, out = res  # type: ignore[misc]
-        return WalkReport(steps, Translation(out, 1 << e[E_SHIFT], _perm_text(e[E_ALLOWED]), KIND_NAMES[e[E_KIND]]))
+        return WalkReport(steps, Translation(out, 1 << e[E_SHIFT], allowed_text(e[E_ALLOWED]), KIND_NAMES[e[E_KIND]]))
 
     # -- DMA ---------------------------------------------------------------------------------------
     def dma_read(self, sid: int, iova: int, length: int, pasid: int | None = None, priv: bool = False) -> DmaResult:
@@ -932,7 +950,8 @@ def _req(access: str | int, priv: bool, exe: bool, pasid: int | None) -> int:
     return bits & 15
 
 
-def _perm_text(allowed: int) -> str:
+def allowed_text(allowed: int) -> str:
+    """Human text of an ``allowed``-request mask: "rw", "r", or "r/s:rw" when supervisor requests differ."""
     # Read, write, exec as allowed for a user request; "s" marks supervisor-only differences.
     user = "".join(c for bit, c in ((READ, "r"), (WRITE, "w"), (EXEC | READ, "x")) if (allowed >> bit) & 1)
     sup = "".join(c for bit, c in ((READ, "r"), (WRITE, "w"), (EXEC | READ, "x")) if (allowed >> (bit | PRIV)) & 1)

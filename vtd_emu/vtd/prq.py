@@ -155,17 +155,13 @@ class PageRequestUnit:
         after recording it."""
         from .iommu import _CTX_SM, _PGTT_FS, _PGTT_NESTED
         chip = self.chip
-        c = chip.caches
         if chip.root_invalid:
             return self._fault(sid, addr, pasid, priv, exe, 0x30)
         if not chip.root_scalable:
             return self._fault(sid, addr, pasid, priv, exe, 0x32)
-        ctx = c.context.get(sid)
-        if ctx is None:
-            ctx = chip._load_context(sid)
-            if type(ctx) is int:
-                return self._fault(sid, addr, pasid, priv, exe, ctx)  # type: ignore[arg-type]
-            c.put_context(sid, ctx)  # type: ignore[arg-type]
+        ctx = chip.context_entry(sid)
+        if type(ctx) is int:
+            return self._fault(sid, addr, pasid, priv, exe, ctx)  # type: ignore[arg-type]
         if ctx[0] != _CTX_SM:  # type: ignore[index]
             # A legacy entry still cached from before the root table changed: a legacy-mode page request.
             return self._fault(sid, addr, pasid, priv, exe, 0x32)
@@ -175,13 +171,9 @@ class PageRequestUnit:
         if pasid is not None and not paside:
             return self._fault(sid, addr, pasid, priv, exe, 0x45 | cfpd << 8)
         eff = pasid if pasid is not None else (rid_pasid if chip.use_rid_pasid else 0)
-        pe = None if chip.quirks.pasid_entry_uncached else c.pasid.get((sid, eff))
-        if pe is None:
-            pe = chip._load_pasid(pdir, pdts, cfpd, eff)
-            if type(pe) is int:
-                return self._fault(sid, addr, pasid, priv, exe, pe)  # type: ignore[arg-type]
-            if not chip.quirks.pasid_entry_uncached:
-                c.put_pasid(sid, eff, pe)  # type: ignore[arg-type]
+        pe = chip.pasid_entry(sid, ctx, eff)  # type: ignore[arg-type]
+        if type(pe) is int:
+            return self._fault(sid, addr, pasid, priv, exe, pe)  # type: ignore[arg-type]
         return pe[0], pe[1] in (_PGTT_FS, _PGTT_NESTED), eff  # type: ignore[index]
 
     def _fault(self, sid: int, addr: int, pasid: int | None, priv: bool, exe: bool, f: int) -> int:

@@ -7,6 +7,7 @@ to see every entry).  Entry layouts come compiled from ``specs/structures.yaml``
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,7 +67,7 @@ DIRTY_OK = 8
 
 
 def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, root: int, levels: int,
-            iova: int, req: int, geo: Geometry, codes: tuple[int, ...], psc: dict[int, tuple[int, int]] | None,
+            iova: int, req: int, geo: Geometry, codes: tuple[int, ...], psc: OrderedDict[int, tuple[int, int]] | None,
             psc_tag: int, psc_limit: int, trace: list[TraceEntry] | None) -> SsResult | int:
     """Walk second-stage tables from ``root``.  ``wr`` is given when A/D updates are enabled (SSADE)."""
     perm = 7
@@ -108,7 +109,7 @@ def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, roo
         table = e & ADDR_MASK
         if psc is not None and psc_limit:
             if len(psc) >= psc_limit:
-                psc.popitem(last=False)  # type: ignore[attr-defined]
+                psc.popitem(last=False)
             psc[((psc_tag << 3 | lvl) << 56) | (iova >> (3 + 9 * lvl))] = (table, perm)
         lvl -= 1
 
@@ -164,7 +165,7 @@ TableXlate = Callable[[int, bool], "tuple[int, int] | int"]
 
 
 def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int, levels: int, va: int,
-            req: int, geo: Geometry, flags: int, psc: dict[int, tuple[int, int, int, int]] | None,
+            req: int, geo: Geometry, flags: int, psc: OrderedDict[int, tuple[int, int, int, int]] | None,
             psc_tag: int, psc_limit: int, trace: list[TraceEntry] | None,
             table_xlate: TableXlate | None = None) -> FsResult | int:
     """Walk first-stage (IA-32e) tables.  The caller has checked canonicality.  With ``table_xlate``
@@ -227,7 +228,7 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
         table = e & ADDR_MASK
         if psc is not None and psc_limit:
             if len(psc) >= psc_limit:
-                psc.popitem(last=False)  # type: ignore[attr-defined]
+                psc.popitem(last=False)
             psc[((psc_tag << 3 | lvl) << 56) | ((va >> (3 + 9 * lvl)) & ((1 << (54 - 9 * lvl)) - 1))] = (table, rw, us, xd)
         lvl -= 1
 
