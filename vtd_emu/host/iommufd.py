@@ -327,12 +327,9 @@ class Access(_Obj):
             if s <= last and s + n - 1 >= iova:
                 self._unpin_item(item)
 
-    def pin_pages(self, iova: int, length: int, write: bool = False) -> tuple[int, list[int]]:
-        """``iommufd_access_pin_pages``: (item id, host address of each page).  Unpin with the id."""
-        _u("iova", iova, 64)
-        _u("length", length, 64)
-        if not self.needs_pin_pages:
-            raise fail(errno.EINVAL, "access created without pin-pages support")
+    def _contig_run(self, iova: int, length: int) -> tuple[int, list[tuple[Area, int, int]]]:
+        """(last IOVA, the IOAS's contiguous area slices from ``iova``), after the range checks pinning
+        and access share."""
         if not length:
             raise fail(errno.EINVAL, "length is zero")
         last = iova + length - 1
@@ -340,12 +337,20 @@ class Access(_Obj):
             raise fail(errno.EOVERFLOW, "iova + length overflows")
         if self.ioas is None:
             raise fail(errno.ENOENT, "access has no IOAS")
-        slices = self.ioas.iopt.contig_run(iova, last)
+        return last, self.ioas.iopt.contig_run(iova, last)
+
+    def pin_pages(self, iova: int, length: int, write: bool = False) -> tuple[int, list[int]]:
+        """``iommufd_access_pin_pages``: (item id, host address of each page).  Unpin with the id."""
+        _u("iova", iova, 64)
+        _u("length", length, 64)
+        if not self.needs_pin_pages:
+            raise fail(errno.EINVAL, "access created without pin-pages support")
+        last, slices = self._contig_run(iova, length)
         pinned: list[tuple[Area, int, int]] = []
         out: list[int] = []
         try:
             for n, (area, s, e) in enumerate(slices):
-                if area.prevent_access or not _contig_aligned(area, s, e, n == len(slices) - 1):
+                if area.prevent_access or not _contig_aligned(area, s, n == len(slices) - 1):
                     raise fail(errno.EINVAL, "access range not page aligned in its pages")
                 if write and not area.prot & IOMMU_WRITE:
                     raise fail(errno.EPERM, "write pin of a read-only area")
@@ -379,15 +384,8 @@ class Access(_Obj):
 
     def _rw(self, iova: int, length: int, write: bool, data: bytes | None) -> bytes:
         _u("iova", iova, 64)
-        if not length:
-            raise fail(errno.EINVAL, "length is zero")
-        last = iova + length - 1
-        if last > ULONG_MAX:
-            raise fail(errno.EOVERFLOW, "iova + length overflows")
-        if self.ioas is None:
-            raise fail(errno.ENOENT, "access has no IOAS")
+        last, slices = self._contig_run(iova, length)
         out = bytearray()
-        slices = self.ioas.iopt.contig_run(iova, last)
         for area, s, e in slices:
             if area.prevent_access:
                 raise fail(errno.EINVAL, "area being unmapped")
@@ -425,7 +423,7 @@ class Access(_Obj):
         ictx._remove(self)
 
 
-def _contig_aligned(area: Area, s: int, e: int, final: bool) -> bool:
+def _contig_aligned(area: Area, s: int, final: bool) -> bool:
     if (area.start_byte + s - area.iova) % PAGE_SIZE:
         return False
     if not final and (area.start_byte + area.last - area.iova) % PAGE_SIZE != PAGE_SIZE - 1:
@@ -570,13 +568,30 @@ class IommuFd:
     def _map_prot(flags: int) -> int:
         return (IOMMU_READ if flags & IOAS_MAP_READABLE else 0) | (IOMMU_WRITE if flags & IOAS_MAP_WRITEABLE else 0)
 
-    def _map_common_checks(self, flags: int, iova: int, length: int) -> None:
+    def _map_prologue(self, ioas_id: int, length: int, iova: int | None, flags: int) -> tuple[Ioas, int]:
+        """The checks MAP and MAP_FILE share, in the kernel's order; the IOAS and the flags (with
+        FIXED_IOVA set when ``iova`` is given)."""
+        _u("length", length, 64)
+        if iova is not None:
+            _u("iova", iova, 64)
+            flags |= IOAS_MAP_FIXED_IOVA
         if flags & ~IOAS_MAP_FLAGS:
             raise fail(errno.EOPNOTSUPP, "unknown map flags")
-        if iova >= ULONG_MAX or length >= ULONG_MAX:
+        if (iova or 0) >= ULONG_MAX or length >= ULONG_MAX:
             raise fail(errno.EOVERFLOW, "iova or length too large")
         if not flags & (IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE):
             raise fail(errno.EINVAL, "neither readable nor writeable")
+        ioas = self._get(ioas_id, Ioas)
+        assert isinstance(ioas, Ioas)
+        return ioas, flags
+
+    def _map_new_pages(self, ioas: Ioas, base: int, start_byte: int, length: int, iova: int | None, flags: int,
+                       uptr: int, memfd: "MemFd | None" = None) -> int:
+        npages = (start_byte + length + PAGE_SIZE - 1) // PAGE_SIZE
+        pages = Pages(self.host.process, base=base, npages=npages, writable=bool(flags & IOAS_MAP_WRITEABLE),
+                      memfd=memfd)
+        fixed = (iova or 0) if flags & IOAS_MAP_FIXED_IOVA else None
+        return ioas.iopt.map_pages([(pages, start_byte, length)], length, fixed, self._map_prot(flags), uptr)
 
     def ioas_map(self, ioas_id: int, user_va: int, length: int, iova: int | None = None,
                  flags: int = IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE) -> int:
@@ -585,38 +600,20 @@ class IommuFd:
         self._check_open()
         _u("flags", flags, 32)
         _u("user_va", user_va, 64)
-        _u("length", length, 64)
-        if iova is not None:
-            _u("iova", iova, 64)
-            flags |= IOAS_MAP_FIXED_IOVA
-        self._map_common_checks(flags, iova or 0, length)
-        ioas = self._get(ioas_id, Ioas)
-        assert isinstance(ioas, Ioas)
+        ioas, flags = self._map_prologue(ioas_id, length, iova, flags)
         if length == 0 or length > ULONG_MAX - PAGE_SIZE:
             raise fail(errno.EINVAL, "length is zero")
         if user_va + length > ULONG_MAX:
             raise fail(errno.EOVERFLOW, "user_va + length overflows")
         base = user_va & ~(PAGE_SIZE - 1)
-        start_byte = user_va - base
-        npages = (start_byte + length + PAGE_SIZE - 1) // PAGE_SIZE
-        pages = Pages(self.host.process, base=base, npages=npages, writable=bool(flags & IOAS_MAP_WRITEABLE))
-        fixed = iova if flags & IOAS_MAP_FIXED_IOVA else None
-        if fixed is None and flags & IOAS_MAP_FIXED_IOVA:
-            fixed = 0
-        return ioas.iopt.map_pages([(pages, start_byte, length)], length, fixed, self._map_prot(flags), user_va)
+        return self._map_new_pages(ioas, base, user_va - base, length, iova, flags, user_va)
 
     def ioas_map_file(self, ioas_id: int, memfd: "MemFd | int", start: int, length: int, iova: int | None = None,
                       flags: int = IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE) -> int:
         """``IOMMU_IOAS_MAP_FILE``: map [start, +length) of a memfd."""
         self._check_open()
         _u("start", start, 64)
-        _u("length", length, 64)
-        if iova is not None:
-            _u("iova", iova, 64)
-            flags |= IOAS_MAP_FIXED_IOVA
-        self._map_common_checks(flags, iova or 0, length)
-        ioas = self._get(ioas_id, Ioas)
-        assert isinstance(ioas, Ioas)
+        ioas, flags = self._map_prologue(ioas_id, length, iova, flags)
         from .process import MemFd
         f = self.host.process.files.get(memfd) if isinstance(memfd, int) else memfd
         if f is None or (isinstance(f, MemFd) and f.fd not in self.host.process.files):
@@ -625,15 +622,7 @@ class IommuFd:
             raise fail(errno.EINVAL, "not a memfd/shmem/hugetlbfs file")
         if length == 0 or start + length > f.size:
             raise fail(errno.EINVAL, "range empty or past the end of the file")
-        base = start // PAGE_SIZE
-        start_byte = start % PAGE_SIZE
-        npages = (start_byte + length + PAGE_SIZE - 1) // PAGE_SIZE
-        pages = Pages(self.host.process, base=base, npages=npages, writable=bool(flags & IOAS_MAP_WRITEABLE),
-                      memfd=f)
-        fixed = iova if flags & IOAS_MAP_FIXED_IOVA else None
-        if fixed is None and flags & IOAS_MAP_FIXED_IOVA:
-            fixed = 0
-        return ioas.iopt.map_pages([(pages, start_byte, length)], length, fixed, self._map_prot(flags), start)
+        return self._map_new_pages(ioas, start // PAGE_SIZE, start % PAGE_SIZE, length, iova, flags, start, memfd=f)
 
     def ioas_copy(self, dst_ioas_id: int, dst_iova: int | None, src_ioas_id: int, src_iova: int, length: int,
                   flags: int = IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE) -> int:
@@ -758,7 +747,7 @@ class IommuFd:
             hwpt: Hwpt = self._hwpt_paging_alloc(pt, idev, IOMMU_NO_PASID, flags, False,
                                                   user if user.len else None)
         elif isinstance(pt, HwptPaging):
-            hwpt = self._hwpt_nested_alloc(pt, idev, flags, user)
+            hwpt = self._hwpt_nested_alloc(pt, flags, user)
         else:
             raise fail(errno.EINVAL, "pt_id is not an IOAS or a paging HWPT")
         if flags & HWPT_FAULT_ID_VALID:
@@ -811,7 +800,7 @@ class IommuFd:
         ioas.hwpts.append(hwpt)
         return hwpt
 
-    def _hwpt_nested_alloc(self, parent: HwptPaging, idev: Device, flags: int, user: UserData) -> HwptNested:
+    def _hwpt_nested_alloc(self, parent: HwptPaging, flags: int, user: UserData) -> HwptNested:
         if flags & ~(HWPT_FAULT_ID_VALID | HWPT_ALLOC_PASID) or not user.len:
             raise fail(errno.EOPNOTSUPP, "unsupported nested HWPT flags, or no data")
         if parent.auto_domain or not parent.nest_parent:

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -40,6 +40,8 @@ __all__ = [
     "specs",
     "specs_dir",
 ]
+
+_T = TypeVar("_T")
 
 ACCESS_TYPES: tuple[str, ...] = ("RO", "RW", "RW1C", "WO", "RsvdZ")
 KINDS: tuple[str, ...] = ("value", "flag", "addr", "reserved", "ignored")
@@ -333,27 +335,20 @@ class Specs:
             f"{len(self.structures)} structures, {len(self.faults)} faults>"
         )
 
-    def register(self, name: str) -> Register:
+    def _named(self, table: Mapping[str, _T], file: str, section: str, what: str, name: str) -> _T:
         try:
-            return self.registers[name]
+            return table[name]
         except KeyError:
-            raise SpecError(
-                str(self.directory / REGISTERS_FILE), "registers", f"no register named {name!r}"
-            ) from None
+            raise SpecError(str(self.directory / file), section, f"no {what} named {name!r}") from None
+
+    def register(self, name: str) -> Register:
+        return self._named(self.registers, REGISTERS_FILE, "registers", "register", name)
 
     def structure(self, name: str) -> Layout:
-        try:
-            return self.structures[name]
-        except KeyError:
-            raise SpecError(
-                str(self.directory / STRUCTURES_FILE), "structures", f"no structure named {name!r}"
-            ) from None
+        return self._named(self.structures, STRUCTURES_FILE, "structures", "structure", name)
 
     def fault_by_name(self, name: str) -> FaultSpec:
-        try:
-            return self._faults_by_name[name]
-        except KeyError:
-            raise SpecError(str(self.directory / FAULTS_FILE), "faults", f"no fault named {name!r}") from None
+        return self._named(self._faults_by_name, FAULTS_FILE, "faults", "fault", name)
 
     def register_map(self, cap: int, ecap: int) -> list[tuple[int, Register, int]]:
         """``(offset, register, index)`` for every register element, sorted by offset.

@@ -183,10 +183,6 @@ class _Walk:
     index: dict[int, int] = field(default_factory=dict)   # key rank -> column
 
 
-class _Cut(Exception):
-    """Raised inside a wrapped cache call when the run must end before the current key."""
-
-
 @dataclass
 class RunStats:
     batched_chunks: int = 0
@@ -862,7 +858,7 @@ class _Window:
                             w = self._walk_stream(si, st, r)
                         if f >= self.cut:
                             break  # a write already processed landed on a table this walk read
-                        res_a = self._tier_a(r, st, w, sid, ptag, iova, req, fkey)
+                        res_a = self._tier_a(r, st, w, sid, iova, req, fkey)
                     out = res_a if res_a is not None else self._tier_b(r, sid, ptag, iova, req, fkey)
                     first_res[r] = out
                 if req & WRITE and out >= 0:
@@ -1010,91 +1006,89 @@ class _Window:
             io.mem = saved
             self._add_r0(rec.pages)
 
+    def _walk_levels(self, geo: Any, st: _Stream, iv: np.ndarray, ok: np.ndarray,
+                     step: Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The level loop both stages share (``geo`` is the stage's geometry, ``ok`` the keys whose address
+        may be walked).  ``step(lvl, e, active)`` folds the level's entries into the caller's permission
+        accumulators and returns where they are not present.  Returns (ok, leaf level, base, entry
+        addresses, entries, read) with the per-level arrays indexed [level][i]."""
+        levels = st.levels
+        n = iv.size
+        L = levels + 1
+        ea_a = np.zeros((L, n), np.uint64)
+        e_a = np.zeros((L, n), np.uint64)
+        rd_a = np.zeros((L, n), bool)
+        leaf_lv = np.zeros(n, np.int64)
+        base = np.zeros(n, np.uint64)
+        table = np.full(n, st.root, np.uint64)
+        active = ok.copy()
+        for lvl in range(levels, 0, -1):
+            ea = table | (((iv >> np.uint64(3 + 9 * lvl)) & np.uint64(0x1FF)) << np.uint64(3))
+            e, nomem = self.eng.index.gather(ea)
+            ea_a[lvl], e_a[lvl], rd_a[lvl] = ea, e, active
+            bad = nomem | step(lvl, e, active)
+            leaf = np.full(n, lvl == 1) | (((e & np.uint64(0x80)) != 0) & (lvl <= 3))
+            bad |= leaf & (((e & np.uint64(geo.rsvd_leaf[lvl])) != 0) | (not geo.large_ok[lvl]))
+            bad |= ~leaf & ((e & np.uint64(geo.rsvd_table[lvl])) != 0)
+            bad &= active
+            done = active & leaf & ~bad
+            base = np.where(done, e & np.uint64(geo.leaf_addr[lvl]), base)
+            leaf_lv = np.where(done, lvl, leaf_lv)
+            ok &= ~bad
+            active &= ~bad & ~leaf
+            table = np.where(active, e & np.uint64(ADDR_MASK), table)
+        return ok & (leaf_lv > 0), leaf_lv, base, ea_a, e_a, rd_a
+
     def _walk_ss(self, st: _Stream, iv: np.ndarray) -> _Walk:
         """Structure of each page's walk (present bits, reserved bits, leaf sizes, widths); the request's
         permissions are checked per key in tier A against the walk's cumulative permissions, which is
         equivalent because they only ever shrink down the levels."""
         io = self.io
-        geo = io.ss_geo
         levels = st.levels
         n = iv.size
         if st.sm:
             ok = ((iv >> np.uint64(io.mgaw + 1)) == 0) & ((iv >> np.uint64(9 * levels + 12)) == 0)
         else:
             ok = (iv >> np.uint64(min(9 * levels + 12, io.mgaw + 1))) == 0
-        L = levels + 1
-        ea_a = np.zeros((L, n), np.uint64)
-        e_a = np.zeros((L, n), np.uint64)
-        p_a = np.zeros((L, n), np.int64)
-        leaf_lv = np.zeros(n, np.int64)
-        base = np.zeros(n, np.uint64)
-        table = np.full(n, st.root, np.uint64)
+        p_a = np.zeros((levels + 1, n), np.int64)
         perm = np.full(n, 7, np.int64)
-        active = ok.copy()
-        rd_a = np.zeros((L, n), bool)
-        for lvl in range(levels, 0, -1):
-            ea = table | (((iv >> np.uint64(3 + 9 * lvl)) & np.uint64(0x1FF)) << np.uint64(3))
-            e, nomem = self.eng.index.gather(ea)
-            ea_a[lvl], e_a[lvl], rd_a[lvl] = ea, e, active
+
+        def step(lvl: int, e: np.ndarray, active: np.ndarray) -> np.ndarray:
+            nonlocal perm
             p = (e & np.uint64(7)).astype(np.int64)
             perm = np.where(active, perm & p, perm)
             p_a[lvl] = perm
-            bad = nomem | ((p & 3) == 0)
-            leaf = np.full(n, lvl == 1) | (((e & np.uint64(0x80)) != 0) & (lvl <= 3))
-            bad |= leaf & (((e & np.uint64(geo.rsvd_leaf[lvl])) != 0) | (not geo.large_ok[lvl]))
-            bad |= ~leaf & ((e & np.uint64(geo.rsvd_table[lvl])) != 0)
-            bad &= active
-            done = active & leaf & ~bad
-            base = np.where(done, e & np.uint64(geo.leaf_addr[lvl]), base)
-            leaf_lv = np.where(done, lvl, leaf_lv)
-            ok &= ~bad
-            active &= ~bad & ~leaf
-            table = np.where(active, e & np.uint64(ADDR_MASK), table)
-        return _Walk(ok & (leaf_lv > 0), leaf_lv, base, ea_a, e_a, p_a, read=rd_a)
+            return (p & 3) == 0
+
+        ok, leaf_lv, base, ea_a, e_a, rd_a = self._walk_levels(io.ss_geo, st, iv, ok, step)
+        return _Walk(ok, leaf_lv, base, ea_a, e_a, p_a, read=rd_a)
 
     def _walk_fs(self, st: _Stream, iv: np.ndarray) -> _Walk:
-        io = self.io
-        geo = io.fs_geo
         levels = st.levels
         n = iv.size
         ok = np.fromiter((canonical(v, levels) for v in iv.tolist()), bool, n)
         L = levels + 1
-        ea_a = np.zeros((L, n), np.uint64)
-        e_a = np.zeros((L, n), np.uint64)
         rw_a = np.zeros((L, n), np.int64)
         us_a = np.zeros((L, n), np.int64)
         xd_a = np.zeros((L, n), np.int64)
-        leaf_lv = np.zeros(n, np.int64)
-        base = np.zeros(n, np.uint64)
-        table = np.full(n, st.root, np.uint64)
         rw = np.ones(n, np.int64)
         us = np.ones(n, np.int64)
         xd = np.zeros(n, np.int64)
-        active = ok.copy()
-        rd_a = np.zeros((L, n), bool)
-        for lvl in range(levels, 0, -1):
-            ea = table | (((iv >> np.uint64(3 + 9 * lvl)) & np.uint64(0x1FF)) << np.uint64(3))
-            e, nomem = self.eng.index.gather(ea)
-            ea_a[lvl], e_a[lvl], rd_a[lvl] = ea, e, active
-            bad = nomem | ((e & np.uint64(1)) == 0)
+
+        def step(lvl: int, e: np.ndarray, active: np.ndarray) -> np.ndarray:
+            nonlocal rw, us, xd
             rw = np.where(active, rw & ((e >> np.uint64(1)) & np.uint64(1)).astype(np.int64), rw)
             us = np.where(active, us & ((e >> np.uint64(2)) & np.uint64(1)).astype(np.int64), us)
             xd = np.where(active, xd | (e >> np.uint64(63)).astype(np.int64), xd)
             rw_a[lvl], us_a[lvl], xd_a[lvl] = rw, us, xd
-            leaf = np.full(n, lvl == 1) | (((e & np.uint64(0x80)) != 0) & (lvl <= 3))
-            bad |= leaf & (((e & np.uint64(geo.rsvd_leaf[lvl])) != 0) | (not geo.large_ok[lvl]))
-            bad |= ~leaf & ((e & np.uint64(geo.rsvd_table[lvl])) != 0)
-            bad &= active
-            done = active & leaf & ~bad
-            base = np.where(done, e & np.uint64(geo.leaf_addr[lvl]), base)
-            leaf_lv = np.where(done, lvl, leaf_lv)
-            ok &= ~bad
-            active &= ~bad & ~leaf
-            table = np.where(active, e & np.uint64(ADDR_MASK), table)
-        return _Walk(ok & (leaf_lv > 0), leaf_lv, base, ea_a, e_a, rw_a, us_a, xd_a, rd_a)
+            return (e & np.uint64(1)) == 0
+
+        ok, leaf_lv, base, ea_a, e_a, rd_a = self._walk_levels(self.io.fs_geo, st, iv, ok, step)
+        return _Walk(ok, leaf_lv, base, ea_a, e_a, rw_a, us_a, xd_a, rd_a)
 
     # -- tier A: commit a numpy walk through the chip's own cache calls ------------------------------
-    def _tier_a(self, r: int, st: _Stream, w: _Walk, sid: int, ptag: int, iova: int, req: int,
+    def _tier_a(self, r: int, st: _Stream, w: _Walk, sid: int, iova: int, req: int,
                 fkey: int) -> int | None:
         i = w.index.get(r)
         if i is None:

@@ -876,14 +876,18 @@ def _header(doc: Any, file: str, where: str) -> tuple[TraceConfig, str, str]:
     return parse_config(doc.get("config"), file, f"{where} config" if where else "config"), name, desc
 
 
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text()
+    except OSError as exc:
+        raise TraceError(str(p), "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TraceError(str(p), "", "not a text file") from None
+
+
 def _load_jsonl(p: Path) -> Trace:
     file = str(p)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise TraceError(file, "", f"cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise TraceError(file, "", "not a text file") from None
+    text = _read_text(p)
     lines = text.splitlines()
     events: list[Event | DmaBlock] = []
     header = None
@@ -937,12 +941,7 @@ def _load_yaml(p: Path) -> Trace:
     import yaml
 
     file = str(p)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise TraceError(file, "", f"cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise TraceError(file, "", "not a text file") from None
+    text = _read_text(p)
     try:
         doc = _yaml_load(text)
     except yaml.YAMLError as exc:

@@ -625,13 +625,8 @@ class Replayer:
         res = run.res
         if rows_a.size:
             assert blk.exp_addrs_ptr is not None and blk.exp_addrs is not None
-            cnt = np.bincount(run.row, minlength=len(blk))
             exp_cnt = np.diff(blk.exp_addrs_ptr)
-            wrong = rows_a[cnt[rows_a] != exp_cnt[rows_a]]
-            suspects.update(wrong.tolist())
-            okr = np.zeros(len(blk), bool)
-            okr[rows_a] = True
-            okr[wrong] = False
+            okr = _count_ok(rows_a, np.bincount(run.row, minlength=len(blk)), exp_cnt, suspects)
             sel = okr[run.row]
             act = np.where(res[sel] >= 0, res[sel], -1)
             # Expected values of the selected rows, in chunk order (rows are contiguous in both).
@@ -645,13 +640,8 @@ class Replayer:
         if rows_f.size:
             assert blk.exp_faults_ptr is not None and blk.exp_faults is not None
             fmask = (res < 0) & (res != DROPPED) & (res != SKIPPED)
-            fcnt = np.bincount(run.row[fmask], minlength=len(blk))
             exp_cnt = np.diff(blk.exp_faults_ptr)
-            wrong = rows_f[fcnt[rows_f] != exp_cnt[rows_f]]
-            suspects.update(wrong.tolist())
-            okr = np.zeros(len(blk), bool)
-            okr[rows_f] = True
-            okr[wrong] = False
+            okr = _count_ok(rows_f, np.bincount(run.row[fmask], minlength=len(blk)), exp_cnt, suspects)
             sel = fmask & okr[run.row]
             act = -res[sel]
             need = np.flatnonzero(okr & (exp_cnt > 0))
@@ -697,6 +687,17 @@ class Replayer:
         out.exp_data_ptr = dptr
         out.exp_data = run.read_buf if run.read_buf is not None else np.zeros(0, np.uint8)
         return out
+
+
+def _count_ok(rows: np.ndarray, cnt: np.ndarray, exp_cnt: np.ndarray, suspects: set[int]) -> np.ndarray:
+    """Per block row: checked in ``rows`` with as many values as expected.  Rows with the wrong count
+    join ``suspects`` (their values cannot be compared in order)."""
+    wrong = rows[cnt[rows] != exp_cnt[rows]]
+    suspects.update(wrong.tolist())
+    ok = np.zeros(cnt.size, bool)
+    ok[rows] = True
+    ok[wrong] = False
+    return ok
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -79,7 +79,7 @@ def chip_translate(chip: "VtdIommu", sid: int, iova: int, *, write: bool = False
     """An ATS translation request as the unit processes it: context/PASID problems and a context that
     does not allow device-TLBs (legacy TT != 01, scalable DTE=0) are recorded and answered UR; page-walk
     faults are recoverable and answered with no permission, without a fault record."""
-    from .iommu import _CTX_LEGACY, _WALK, DROPPED
+    from .iommu import _WALK, DROPPED
     ptag = NO_PASID if pasid is None else pasid
     base_req = (PRIV if priv else 0) | (EXEC if exe else 0)
     req = (WRITE if write else READ) | base_req
@@ -87,12 +87,6 @@ def chip_translate(chip: "VtdIommu", sid: int, iova: int, *, write: bool = False
         # Remapping is off: there are no structures that could allow the device a device-TLB.
         return AtsCompletion("ur", 0, 0, False, False)
     ctx = _ats_context(chip, sid)
-    if type(ctx) is not int:
-        if ctx[0] == _CTX_LEGACY:  # type: ignore[index]
-            if ctx[2] != 1:  # type: ignore[index]
-                ctx = 0x0D | ctx[5] << 8  # type: ignore[index]
-        elif not ctx[7]:  # type: ignore[index]
-            ctx = 0x44 | ctx[1] << 8  # type: ignore[index]
     if type(ctx) is int:
         reason = -chip._fault(sid, ptag, iova, req, ctx)  # type: ignore[arg-type]
         return AtsCompletion("ur", 0, 0, False, False, reason)
@@ -119,16 +113,9 @@ def chip_translate(chip: "VtdIommu", sid: int, iova: int, *, write: bool = False
 def chip_translated_access(chip: "VtdIommu", sid: int, addr: int, write: bool, pasid: int | None) -> int:
     """A translated request (AT=10): the address is used as is once the context allows device-TLBs.
     Returns the address, or -reason after recording the fault."""
-    from .iommu import _CTX_LEGACY
     if not chip.te:
         return addr
     ctx = _ats_context(chip, sid)
-    if type(ctx) is not int:
-        if ctx[0] == _CTX_LEGACY:  # type: ignore[index]
-            if ctx[2] != 1:  # type: ignore[index]
-                ctx = 0x0D | ctx[5] << 8  # type: ignore[index]
-        elif not ctx[7]:  # type: ignore[index]
-            ctx = 0x44 | ctx[1] << 8  # type: ignore[index]
     if type(ctx) is int:
         return chip._fault(sid, NO_PASID if pasid is None else pasid, addr, WRITE if write else READ,
                            ctx)  # type: ignore[arg-type]
@@ -136,6 +123,9 @@ def chip_translated_access(chip: "VtdIommu", sid: int, addr: int, write: bool, p
 
 
 def _ats_context(chip: "VtdIommu", sid: int) -> "tuple[int, ...] | int":
+    """The (cached) context of ``sid``, or the fault reason when it is unusable or does not allow
+    device-TLBs (legacy TT != 01: 0x0D; scalable DTE=0: 0x44)."""
+    from .iommu import _CTX_LEGACY
     if chip.root_invalid:
         return 0x30
     c = chip.caches
@@ -144,6 +134,13 @@ def _ats_context(chip: "VtdIommu", sid: int) -> "tuple[int, ...] | int":
         ctx = chip._load_context(sid)
         if type(ctx) is not int:
             c.put_context(sid, ctx)  # type: ignore[arg-type]
+    if type(ctx) is int:
+        return ctx
+    if ctx[0] == _CTX_LEGACY:  # type: ignore[index]
+        if ctx[2] != 1:  # type: ignore[index]
+            return 0x0D | ctx[5] << 8  # type: ignore[index]
+    elif not ctx[7]:  # type: ignore[index]
+        return 0x44 | ctx[1] << 8  # type: ignore[index]
     return ctx
 
 

@@ -144,7 +144,7 @@ class Caches:
             del self.context[sid]
         self.front.clear()
 
-    def context_device(self, sid: int, fm: int, did: int | None = None) -> None:
+    def context_device(self, sid: int, fm: int) -> None:
         self.stats.count("context-device")
         for s in [s for s in self.context if sid_matches(s, sid, fm)]:
             del self.context[s]

@@ -100,7 +100,7 @@ class PageRequestUnit:
             if answer:
                 self._auto(sid, pasid, prgi, RC_INVALID_REQUEST, private_data)
             return PageRequestStatus.UNSUPPORTED
-        checked = self._check(sid, addr, pasid, write, priv, exe)
+        checked = self._check(sid, addr, pasid, priv, exe)
         if type(checked) is int:
             self.faulted += 1
             if answer:
@@ -149,8 +149,7 @@ class PageRequestUnit:
                 chip.prq_event.fire()
         return PageRequestStatus.QUEUED
 
-    def _check(self, sid: int, addr: int, pasid: int | None, write: bool, priv: bool,
-               exe: bool) -> "tuple[int, bool, int] | int":
+    def _check(self, sid: int, addr: int, pasid: int | None, priv: bool, exe: bool) -> "tuple[int, bool, int] | int":
         """(DID, first-stage translation?, PASID used) of the request's PASID entry, or the fault reason
         after recording it."""
         from .iommu import _CTX_SM, _PGTT_FS, _PGTT_NESTED

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..spec import specs
-from .access import ALL_REQ, EXEC, PRIV, READ, REQ_SUP, REQ_USER, REQ_W, REQ_X, WRITE, ss_allowed
+from .access import ALL_REQ, EXEC, PRIV, READ, REQ_SUP, REQ_USER, REQ_W, REQ_X, WRITE
 
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 """Bits 51:12 of a table entry: the next table (its bits at or above HAW are reserved, so checked)."""
@@ -148,7 +148,7 @@ def fs_allowed(rw: int, us: int, xd: int, dirty: bool, flags: int) -> int:
     return allowed
 
 
-def fs_denied_code(req: int, rw: int, us: int, xd: int, flags: int) -> int:
+def fs_denied_code(req: int, rw: int, us: int, flags: int) -> int:
     """The fault reason for a request ``fs_allowed`` refused (dirty aside): U/S, then write, then exec."""
     if not req & PRIV and not us:
         return 0x81
@@ -211,7 +211,7 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
                 return 0x72
             allowed = fs_allowed(rw, us, xd, True, flags)
             if not (allowed >> req) & 1:
-                return fs_denied_code(req, rw, us, xd, flags)
+                return fs_denied_code(req, rw, us, flags)
             a_bit = 0x20 | (0x400 if flags & F_EAFE else 0)
             d_bit = 0x40 if req & WRITE else 0
             if (acc & a_bit) != a_bit or (e & d_bit) != d_bit:  # some A/EA/D bit still to set
