@@ -25,6 +25,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m compileall -q vtd_emu tests scripts
+	$(BIN)/python -m mypy vtd_emu
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

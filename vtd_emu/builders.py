@@ -342,13 +342,13 @@ class _PageTable:
     def _map_one(self, lin: int, addr: int, level: int, perms: int, leaf_bits: int, table_perms: int) -> None:
         table = self.root
         for lvl in range(self.levels, level, -1):
-            key = self._child_key(lin, lvl)
-            child = self._tables.get(key)
+            tkey = self._child_key(lin, lvl)
+            child = self._tables.get(tkey)
             if child is None:
                 # Whatever this entry held (nothing, or a large leaf) is replaced by a fresh table.
                 self._forget_leaf(lin, lvl)
                 child = self.alloc.alloc()
-                self._tables[key] = child
+                self._tables[tkey] = child
                 entry = self._table_entry(lvl, child, table_perms)
                 _put64(self.mem, table + 8 * self._index(lin, lvl), entry)
             table = child
@@ -373,8 +373,8 @@ class _PageTable:
         if top not in self._tables:
             return
         shift = 12 + 9 * (level - 1)
-        for key in [k for k in self._tables if k[0] < level and (k[1] << (12 + 9 * k[0])) >> shift == top[1]]:
-            del self._tables[key]
+        for tkey in [k for k in self._tables if k[0] < level and (k[1] << (12 + 9 * k[0])) >> shift == top[1]]:
+            del self._tables[tkey]
         lo = self._external(lin & -(1 << shift))
         hi = lo + (1 << shift)
         for key in [k for k in self.mappings if lo <= k < hi]:

@@ -35,7 +35,7 @@ class Memory(Protocol):
 
     def read(self, addr: int, length: int) -> bytes: ...
 
-    def write(self, addr: int, data: bytes) -> int: ...
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> int: ...
 
     def is_ram(self, addr: int) -> bool: ...
 
@@ -54,8 +54,8 @@ class HostRAM:
         self._rows: dict[int, int] = {}
         self._used = 0
         self._pool = np.zeros((max(1, initial_pages), _U64_PER_PAGE), dtype=np.uint64)
-        self._q: memoryview = memoryview(self._pool.reshape(-1)).cast("B").cast("Q")
-        self._b: memoryview = memoryview(self._pool.reshape(-1)).cast("B")
+        self._q: memoryview = self._pool.reshape(-1).data.cast("B").cast("Q")
+        self._b: memoryview = self._pool.reshape(-1).data.cast("B")
         self._pfn_index: tuple[np.ndarray, np.ndarray] | None = None
         # Bumped on every write: lets batched readers know when their snapshot of memory is stale.
         self.generation = 0
@@ -82,7 +82,7 @@ class HostRAM:
         self._q.release()
         self._b.release()
         self._pool = new
-        flat = memoryview(new.reshape(-1)).cast("B")
+        flat = new.reshape(-1).data.cast("B")
         self._b = flat
         self._q = flat.cast("Q")
 

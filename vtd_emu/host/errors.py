@@ -25,7 +25,7 @@ class IommufdError(VtdEmuError, OSError):
     @property
     def name(self) -> str:
         """The symbolic errno (``"ENOENT"``)."""
-        return _errno.errorcode.get(self.errno, str(self.errno))
+        return _errno.errorcode.get(self.errno or 0, str(self.errno))
 
 
 def fail(err: int, detail: str = "") -> IommufdError:

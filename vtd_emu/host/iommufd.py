@@ -315,7 +315,9 @@ class Access(_Obj):
         """``iommufd_access_replace``: move to another IOAS (pins are dropped through ``on_unmap``)."""
         if self.ioas is None:
             raise fail(errno.ENOENT, "access has no IOAS")
-        self._change_ioas(self.ictx._get(ioas_id, Ioas))
+        ioas = self.ictx._get(ioas_id, Ioas)
+        assert isinstance(ioas, Ioas)
+        self._change_ioas(ioas)
 
     def notify_unmap(self, iova: int, length: int) -> None:
         self.unmap_calls += 1
@@ -1215,7 +1217,11 @@ class IommuFd:
             if not hwpt.auto_domain:
                 continue
             try:
-                old = self._do_replace(idev, pasid, hwpt) if replace else self._hw_pagetable_attach(hwpt, idev, pasid)
+                old = None
+                if replace:
+                    old = self._do_replace(idev, pasid, hwpt)
+                else:
+                    self._hw_pagetable_attach(hwpt, idev, pasid)
             except IommufdError as e:
                 if e.errno == errno.EINVAL:
                     continue
@@ -1239,7 +1245,11 @@ class IommuFd:
         if obj is None:
             raise fail(errno.ENOENT, f"no object {pt_id}")
         if isinstance(obj, Hwpt):
-            old = self._do_replace(idev, pasid, obj) if replace else self._hw_pagetable_attach(obj, idev, pasid)
+            old = None
+            if replace:
+                old = self._do_replace(idev, pasid, obj)
+            else:
+                self._hw_pagetable_attach(obj, idev, pasid)
             out = obj.id
         elif isinstance(obj, Ioas):
             out, old = self._auto_get_domain(idev, pasid, obj, replace)

@@ -292,7 +292,7 @@ class BatchEngine:
                 n = lens[k]
                 if reqs[k] & WRITE:
                     s = srcs[k]
-                    ram.write(r, memoryview(blob[s:s + n]))
+                    ram.write(r, blob[s:s + n].data)
                 elif buf is not None and dsts is not None:
                     t = dsts[k]
                     buf[t:t + n] = np.frombuffer(ram.read(r, n), np.uint8)
@@ -400,7 +400,7 @@ class _Data:
             if reqs[k] & WRITE:
                 if blob is not None:
                     s = srcs[k]
-                    ram.write(r, memoryview(blob[s:s + n]))
+                    ram.write(r, blob[s:s + n].data)
             elif buf is not None and dsts is not None:
                 t = dsts[k]
                 buf[t:t + n] = np.frombuffer(ram.read(r, n), np.uint8)
@@ -713,7 +713,7 @@ class _Window:
         self.overlay: dict[int, int] = {}          # table entries written during this window
         self.r0: set[int] = set()                   # pages the precomputed walks and decodes read
         self.wpages: dict[int, int] = {}            # page -> first position a DMA write of the run lands on it
-        self.writes_before = None                  # lazily: cumulative count of write chunks
+        self.writes_before: np.ndarray | None = None  # lazily: cumulative count of write chunks
 
     # -- cut bookkeeping -----------------------------------------------------------------------------
     def _next_occ(self, r: int, after: int) -> int:
@@ -1130,7 +1130,7 @@ class _Window:
         levels = st.levels
         ov = self.overlay
         if st.kind == _SS:
-            psc = c.psc_ss if c.psc_size else None
+            psc: Any = c.psc_ss if c.psc_size else None
             start = levels
             if psc is not None:
                 for probe in range(2, levels + 1):

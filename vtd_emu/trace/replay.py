@@ -63,7 +63,7 @@ def unit_config(cfg: TraceConfig, profile: str | None = None, file: str = "<trac
             if unit:
                 import dataclasses
 
-                vc = dataclasses.replace(vc, **unit).validated()
+                vc = dataclasses.replace(vc, **unit).validated()  # type: ignore[arg-type]
             return vc
         return VtdConfig.preset(cfg.preset or "modern", profile=profile or cfg.profile or "spec",
                                 overrides=cfg.overrides, **unit)
@@ -226,7 +226,7 @@ def memory_hash(ram: HostRAM, ranges: str | list[tuple[int, int]] = "all") -> st
     """SHA-256 of memory: every non-zero 4 KiB page as (pfn, bytes) in address order, or the given ranges
     as (addr, len, bytes).  Never-written and all-zero pages hash alike, so sparse layouts do not matter."""
     h = hashlib.sha256()
-    if ranges == "all":
+    if isinstance(ranges, str):
         pf = sorted(ram._rows.items())
         if pf:
             pfns = np.fromiter((p for p, _ in pf), np.uint64, len(pf))

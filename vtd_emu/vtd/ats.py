@@ -128,13 +128,8 @@ def _ats_context(chip: "VtdIommu", sid: int) -> "tuple[int, ...] | int":
     from .iommu import _CTX_LEGACY
     if chip.root_invalid:
         return 0x30
-    c = chip.caches
-    ctx = c.context.get(sid)
-    if ctx is None:
-        ctx = chip._load_context(sid)
-        if type(ctx) is not int:
-            c.put_context(sid, ctx)  # type: ignore[arg-type]
-    if type(ctx) is int:
+    ctx = chip.context_entry(sid)
+    if isinstance(ctx, int):
         return ctx
     if ctx[0] == _CTX_LEGACY:  # type: ignore[index]
         if ctx[2] != 1:  # type: ignore[index]

@@ -31,7 +31,7 @@ class IrFault(NamedTuple):
 
     reason: int
     name: str
-    index: int | None
+    index: int | None  # type: ignore[assignment]  # the IRTE index; shadows tuple.index on purpose
     recorded: bool
 
     def __bool__(self) -> bool:  # falsy like a DMA Fault, so `if iommu.remap_interrupt(...)` reads naturally
