@@ -18,11 +18,12 @@ Writes, next to ``--out PREFIX``: ``PREFIX.log`` (the trace, 7.2 ``pid@sec.usec:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from vtd_emu.trace.qemu_live import QTest, find_qemu, halting_bios
 
 RAM = 128 << 20
 VTD = 0xFED9_0000
@@ -32,52 +33,6 @@ EDU_BDF = (0, 2, 0)
 ROOT, CTX, SL3, SL2, SL1 = 0x100000, 0x101000, 0x102000, 0x103000, 0x104000
 QUEUE, STATUS = 0x110000, 0x111000
 DATA = 0x200000           # four data pages mapped at IOVA 0x40000 (RW) and one at 0x50000 (read-only)
-
-
-class QTest:
-    def __init__(self, argv: list[str], stderr: Path) -> None:
-        # The trace goes to QEMU's stderr (no -D): QEMU's own messages then interleave as whole lines.
-        self._err = stderr.open("w")
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
-                                  bufsize=1)
-
-    def cmd(self, line: str) -> str:
-        assert self.p.stdin is not None and self.p.stdout is not None
-        self.p.stdin.write(line + "\n")
-        while True:
-            resp = self.p.stdout.readline()
-            if not resp:
-                raise RuntimeError(f"qemu exited during {line!r}")
-            if resp.startswith("IRQ"):
-                continue  # asynchronous interrupt notices
-            if not resp.startswith("OK"):
-                raise RuntimeError(f"{line!r}: {resp.strip()}")
-            return resp[2:].strip()
-
-    def writeq(self, addr: int, val: int) -> None:
-        self.cmd(f"writeq {addr:#x} {val:#x}")
-
-    def writel(self, addr: int, val: int) -> None:
-        self.cmd(f"writel {addr:#x} {val:#x}")
-
-    def readl(self, addr: int) -> int:
-        return int(self.cmd(f"readl {addr:#x}"), 16)
-
-    def readq(self, addr: int) -> int:
-        return int(self.cmd(f"readq {addr:#x}"), 16)
-
-    def read(self, addr: int, n: int) -> bytes:
-        return bytes.fromhex(self.cmd(f"read {addr:#x} {n:#x}")[2:])
-
-    def pci_cfg_writel(self, reg: int, val: int) -> None:
-        bus, dev, fn = EDU_BDF
-        self.cmd(f"outl 0xcf8 {0x80000000 | bus << 16 | dev << 11 | fn << 8 | reg:#x}")
-        self.cmd(f"outl 0xcfc {val:#x}")
-
-    def close(self) -> None:
-        self.p.kill()
-        self.p.wait()
-        self._err.close()
 
 
 def build_tables(q: QTest) -> None:
@@ -137,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         raw_log = Path(tmp) / "trace.log"
         # A firmware that only halts: nothing but this script touches PCI or the IOMMU.
         bios = Path(tmp) / "halt.bin"
-        bios.write_bytes(b"\xf4" * (0x10000 - 16) + b"\xfa\xf4\xeb\xfd" + b"\xf4" * 12)
-        q = QTest([args.qemu, "-machine", "q35", "-bios", str(bios), "-m", str(RAM >> 20), "-display", "none", "-nodefaults",
+        bios.write_bytes(halting_bios())
+        qemu = find_qemu(args.qemu) or args.qemu
+        q = QTest([qemu, "-machine", "q35", "-bios", str(bios), "-m", str(RAM >> 20), "-display", "none", "-nodefaults",
                    "-device", "intel-iommu", "-device", "edu,addr=2.0", "-qtest", "stdio", "-qtest-log", "/dev/null",
-                   "-trace", "vtd_*", "-msg", "timestamp=on"], raw_log)
+                   "-trace", "vtd_*", "-msg", "timestamp=on"], stderr_path=raw_log)
         try:
-            q.pci_cfg_writel(0x10, EDU_BAR)
-            q.pci_cfg_writel(0x04, 0x6)          # memory space + bus master
+            q.pci_cfg_writel(EDU_BDF, 0x10, EDU_BAR)
+            q.pci_cfg_writel(EDU_BDF, 0x04, 0x6)         # memory space + bus master
             build_tables(q)
             for i in range(4):
                 q.cmd(f"write {DATA + i * 0x1000:#x} 0x10 0x{bytes(range(16 * i, 16 * i + 16)).hex()}")

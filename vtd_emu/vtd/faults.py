@@ -59,6 +59,8 @@ class FaultUnit:
         self.next_index = 0
         self.collapse = cfg.fault_collapse or cfg.quirks.fault_collapse_same_sid
         self.gate = (PPF | PFO | IQE) if cfg.quirks.qemu_fault_event_gating else _STATUS
+        # QEMU re-evaluates FECTL.IP only when FSTS is written, not when a fault record is cleared.
+        self.ip_on_fsts_only = cfg.quirks.qemu_fault_event_gating
         self.recorded = 0
         self.dropped = 0
         regs.handlers["FSTS"] = self._fsts_written
@@ -136,7 +138,8 @@ class FaultUnit:
         pending = any(self.regs.get("FRCD", i) & _F for i in range(self.nfr))
         fsts = self.regs.get("FSTS")
         self.regs.set("FSTS", fsts | PPF if pending else fsts & ~PPF)
-        self._maybe_clear_ip()
+        if not self.ip_on_fsts_only:
+            self._maybe_clear_ip()
 
     def _maybe_clear_ip(self) -> None:
         if not self.regs.get("FSTS") & _STATUS:

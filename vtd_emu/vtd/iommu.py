@@ -512,7 +512,11 @@ class VtdIommu:
             if hitr is not None:
                 return hitr
         if pgtt == _PGTT_PT:
-            if iova >> self.haw:
+            if q.pt_fast_path:
+                # QEMU: no width check, and the device's requests without PASID bypass from now on.
+                if cached and ptag == NO_PASID:
+                    self._pt_bypass.add(sid)
+            elif iova >> self.haw:
                 return 0x83 | fpd_info
             return self._pt_entry(tag, pasid, iova, did, cached)
         if cached:
