@@ -328,7 +328,7 @@ def test_md_user_copy(md: dict) -> None:
 
 
 def test_md_replace(md: dict) -> None:
-    host, ictx, ioas = md["host"], md["ictx"], md["ioas"]
+    ictx, ioas = md["ictx"], md["ioas"]
     dev = md["devs"][0]
     other = ictx.ioas_alloc()
     old = md["hwpts"][0]

@@ -230,7 +230,7 @@ def _guest_rw(vm: Vm, gva: int, gpa: int) -> None:
 def test_stage1_changes_need_hwpt_invalidate() -> None:
     """The unit caches nested translations: a guest remap is invisible until HWPT_INVALIDATE."""
     vm = Vm()
-    host, ictx = vm.host, vm.ictx
+    ictx = vm.ictx
     vm.dev.attach_pt(vm.parent)
     n = vm.nested()
     vm.dev.attach_pt(n, pasid=4)

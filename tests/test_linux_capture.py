@@ -4,7 +4,6 @@ IA-32e) and the second-stage tables its intel-iommu driver built, captured under
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
