@@ -92,3 +92,17 @@ def test_replay_oracle_check(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     bad.write_text(json.dumps(doc) + "\n")
     rc, out, _ = run(["replay", "--check", str(bad)], capsys)
     assert rc == 1 and "expected 57005" in out and out.strip().endswith("1 mismatches")
+
+
+def test_replay_sanitize_names_each_stale_translation(capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import REPO
+
+    rc, out, _ = run(["replay", "--sanitize", str(REPO / "traces" / "forgot-to-invalidate.yaml")], capsys)
+    stale = [ln for ln in out.splitlines() if "stale translation:" in ln]
+    assert rc == 1 and len(stale) == 2
+    assert "iova 0x40000 (write): cached 0x3000000, memory says 0x3800000" in stale[0]
+    assert "memory says fault 0x6 READ" in stale[1]
+    assert "sanitizer: 2 stale translations" in out
+    # a trace that invalidates correctly is clean
+    rc, out, _ = run(["replay", "--sanitize", "--check", str(REPO / "traces" / "legacy-dma.yaml")], capsys)
+    assert rc == 0 and "sanitizer: 0 stale translations" in out

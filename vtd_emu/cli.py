@@ -250,7 +250,7 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     from .trace.oracle import run_file
     from .trace.replay import ReplayStats, Replayer
 
-    total = events = bad = 0
+    total = events = bad = stale = 0
     summary = []
     stats = ReplayStats()
     traces = 0
@@ -272,7 +272,13 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
             continue
         trace = load_trace(path)
         r = Replayer(trace, profile=args.profile, batch=not args.no_batch,
-                     progress=_progress_printer(path, show)).run()
+                     progress=_progress_printer(path, show), sanitize=args.sanitize).run()
+        if args.sanitize and r.machine is not None:
+            for h in r.machine.iommu.stale_hits:
+                stale += 1
+                print(f"{path}: stale translation: sid {h.sid:#06x} pasid "
+                      f"{'-' if h.pasid is None else hex(h.pasid)} iova {h.iova:#x} ({h.access}): cached "
+                      f"{_answer(h.cached)}, memory says {_answer(h.fresh)}", file=out)
         traces += 1
         total += 1
         events += r.events
@@ -285,13 +291,21 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
                         "mismatches": len(r.mismatches), "stats": r.stats.to_dict()})
     if args.json:
         doc: dict[str, Any] = {"scenarios": total, "events": events, "mismatches": bad, "results": summary}
+        if args.sanitize:
+            doc["stale_translations"] = stale
         if traces:
             doc["stats"] = stats.to_dict()
         print(json.dumps(doc), file=out)
     elif traces:
         _summary_table(stats, out)
+    if args.sanitize:
+        print(f"sanitizer: {stale} stale translations", file=out)
     print(f"checked: {total} scenarios, {events} events, {bad} mismatches", file=out)
-    return 1 if (args.check and bad) else 0
+    return 1 if (args.check and bad) or stale else 0
+
+
+def _answer(value: int) -> str:
+    return f"{value:#x}" if value >= 0 else f"fault {-value:#x} {reason_name(-value)}"
 
 
 def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
@@ -420,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     r.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
     r.add_argument("--no-batch", action="store_true", help="translate DMA chunk by chunk (no numpy batching)")
+    r.add_argument("--sanitize", action="store_true",
+                   help="re-walk every translation and report each cached answer memory no longer supports "
+                        "(a guest that forgot an invalidation); exit 1 if any")
     r.set_defaults(func=cmd_replay)
     rc = sub.add_parser("record", help="replay a trace and write it again with fresh expectations")
     rc.add_argument("input")

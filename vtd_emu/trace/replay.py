@@ -270,12 +270,14 @@ Progress = Callable[[int, int], None]
 
 class Replayer:
     def __init__(self, trace: Trace, *, profile: str | None = None, batch: bool = True, record: bool = False,
-                 progress: Progress | None = None, machine: Machine | None = None) -> None:
+                 progress: Progress | None = None, machine: Machine | None = None, sanitize: bool = False) -> None:
         self.trace = trace
         self.file = trace.source
         base = Path(trace.source).parent if trace.source and not trace.source.startswith("<") else None
         self.m = machine or build_machine(trace.config, profile=profile, base_dir=base, file=self.file)
         self.io = self.m.iommu
+        if sanitize:
+            self.io.enable_sanitizer()  # batching sees a sanitizing unit and stays scalar
         self.ram = self.m.ram
         self.batch = batch
         self.engine = BatchEngine(self.io, window=1 << 20) if batch and isinstance(self.io.mem, HostRAM) else None

@@ -148,8 +148,7 @@ class VtdIommu:
         self.irta_latched = 0
         self.stale_hits: list[StaleHit] = []
         if sanitize:
-            # An instance attribute shadows the method: the plain hot path pays nothing for the option.
-            self.xlate = self._xlate_sanitized  # type: ignore[method-assign]
+            self.enable_sanitizer()
         h = self.regs.handlers
         h["GCMD"] = self._gcmd_written
         h["CCMD"] = self._ccmd_written
@@ -403,6 +402,12 @@ class VtdIommu:
             if e[3] and (e[2] >> req) & 1:
                 return hit[0] | (iova & 0xFFF)
         return self._xlate_slow(sid, ptag, iova, req)
+
+    def enable_sanitizer(self) -> None:
+        """From now on re-walk every translation uncached and append each one whose cached answer memory
+        no longer supports to :attr:`stale_hits`."""
+        # An instance attribute shadows the method: the plain hot path pays nothing for the option.
+        self.xlate = self._xlate_sanitized  # type: ignore[method-assign]
 
     def _xlate_sanitized(self, sid: int, ptag: int, iova: int, req: int) -> int:
         out = VtdIommu.xlate(self, sid, ptag, iova, req)
