@@ -106,3 +106,43 @@ def test_replay_sanitize_names_each_stale_translation(capsys: pytest.CaptureFixt
     # a trace that invalidates correctly is clean
     rc, out, _ = run(["replay", "--sanitize", "--check", str(REPO / "traces" / "legacy-dma.yaml")], capsys)
     assert rc == 0 and "sanitizer: 0 stale translations" in out
+
+
+def test_dump_of_a_nested_pasid_composes_both_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every row of the nested dump is what the unit itself translates that address to."""
+    from vtd_emu.builders import (PAGE_2M, PGTT_NESTED, U, FirstStageTable, GuestPhysView, PasidTables,
+                                  ScalableRootTable)
+    from vtd_emu.vtd.iommu import VtdIommu
+
+    ram = HostRAM()
+    alloc = PageAllocator(ram, base=0x10000, limit=0x10_0000)
+    ss = SecondStageTable(ram, alloc, levels=4)
+    ss.map(0, 0x100_0000, 4 << 20, R | W, page_size=PAGE_2M)        # guest RAM 0..4M, 2 MiB pages
+    ss.map(0x40_0000, 0x150_0000, 0x2000, R)                          # two read-only 4 KiB pages
+    guest = GuestPhysView(ram, ss)
+    fs = FirstStageTable(guest, PageAllocator(guest, base=0x10_0000, limit=0x20_0000), levels=4)
+    fs.map(0x7F00_0000_0000, 0x20_0000, PAGE_2M, W | U, page_size=PAGE_2M)  # one FS 2M leaf over SS 2M
+    fs.map(0x7F00_1000_0000, 0x40_0000, 0x2000, W | U)                       # FS 4K over SS read-only 4K
+    fs.map(0x7F00_2000_0000, 0x90_0000, 0x1000, W | U)                       # GPA the SS does not map
+    pasids = PasidTables(ram, alloc)
+    pasids.set_entry(3, pgtt=PGTT_NESTED, did=2, fsptptr=fs.root, ssptptr=ss.root, aw=2)
+    root = ScalableRootTable(ram, alloc)
+    root.set_context(0, 0x18, pasid_dir=pasids.dir, pdts=pasids.pdts)
+    img = tmp_path / "ram.bin"
+    img.write_bytes(ram.read(0, 0x150_2000))
+    rc, out, _ = run(["dump", "--ram", str(img), "--rtaddr", hex(root.root), "--scalable", "--sid", "0x18",
+                      "--pasid", "3", "--leaves", "--format", "json"], capsys)
+    assert rc == 0
+    rows = [json.loads(ln) for ln in out.splitlines()]
+    assert [(r["iova"], r["addr"], r["length"], r["perm"]) for r in rows] == [
+        ("0x7f0000000000", "0x1200000", 0x200000, "rw-u"),
+        ("0x7f0010000000", "0x1500000", 0x1000, "r--u"),
+        ("0x7f0010001000", "0x1501000", 0x1000, "r--u"),
+    ]
+    from vtd_emu.builders import enable_translation
+    io = VtdIommu(ram, "modern")
+    enable_translation(io, root.root, scalable=True)
+    for r in rows:
+        va = int(r["iova"], 16) + 0x10
+        assert io.translate(0x18, va, "r", pasid=3).addr == int(r["addr"], 16) + 0x10
+    assert io.translate(0x18, 0x7F00_1000_0010, "w", pasid=3).reason == 0x79     # SS read-only

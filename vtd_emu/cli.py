@@ -13,7 +13,7 @@ from .memory import HostRAM
 from .spec import specs
 from .vtd.access import EXEC, PRIV, READ, WRITE
 from .vtd.config import VtdConfig, preset_names, profile_names
-from .vtd.dump import Leaves, leaves, merge, perm_text
+from .vtd.dump import Leaves, leaves, merge, nested_leaves, perm_text
 from .vtd.faults import reason_name
 from .vtd.iommu import Fault, Translation, VtdIommu, allowed_text
 from .vtd.walk import FS_NAMES, SS_CODES_SM, SS_NAMES, Geometry, canonical, fs_walk, ss_walk
@@ -140,38 +140,47 @@ def cmd_dump(args: argparse.Namespace, out: TextIO) -> int:
     elif args.ss_root is not None:
         stage, root, levels = "ss", args.ss_root, args.levels or 4
     elif args.rtaddr is not None and args.sid is not None:
-        stage, root, levels = _device_root(ram, cfg, args)
+        stage, root, levels, nested = _device_root(ram, cfg, args)
+        if nested is not None:
+            lv = nested_leaves(ram, root, levels, nested[0], nested[1], _geometry("fs", cfg), _geometry("ss", cfg))
+            _print_mappings(lv, "fs", args.format, args.leaves, out)
+            return 0
     else:
         raise UsageError("give --fs-root, --ss-root, or --rtaddr with --sid")
-    geo = Geometry.compile(stage, frozenset({"SC", "TM"}) if stage == "ss" else frozenset(), cfg.haw, (True, True))
-    lv = leaves(ram, root, levels, stage, geo)
-    _print_mappings(lv, stage, args.format, args.leaves, out)
+    _print_mappings(leaves(ram, root, levels, stage, _geometry(stage, cfg)), stage, args.format, args.leaves, out)
     return 0
 
 
-def _device_root(ram: HostRAM, cfg: VtdConfig, args: argparse.Namespace) -> tuple[str, int, int]:
+def _geometry(stage: str, cfg: VtdConfig) -> Geometry:
+    # Inspection reports what is mapped: feature-dependent bits (SNP, TM) and every page size are accepted.
+    return Geometry.compile(stage, frozenset({"SC", "TM"}) if stage == "ss" else frozenset(), cfg.haw, (True, True))
+
+
+def _device_root(ram: HostRAM, cfg: VtdConfig,
+                 args: argparse.Namespace) -> tuple[str, int, int, tuple[int, int] | None]:
+    """(stage, table root, levels, (second-stage root, levels) for a nested entry) of one device/PASID."""
     io = VtdIommu(ram, cfg)
     io.mmio_write(0x20, args.rtaddr | (1 << 10 if args.scalable else 0), 8)
     io.mmio_write(0x18, 1 << 30)
-    ctx = io._load_context(args.sid)
+    ctx = io.context_entry(args.sid, [])
     if isinstance(ctx, int):
         raise UsageError(f"sid {args.sid:#x}: context lookup faults with {ctx & 0xFF:#x} {reason_name(ctx & 0xFF)}")
     if ctx[0] == 0:
         if ctx[2] == 2:
             raise UsageError(f"sid {args.sid:#x} is pass-through: every address maps to itself")
-        return "ss", ctx[4], ctx[3]
+        return "ss", ctx[4], ctx[3], None
     pasid = args.pasid if args.pasid is not None else ctx[4]
-    pe = io._load_pasid(ctx[2], ctx[3], ctx[1], pasid)
+    pe = io.pasid_entry(args.sid, ctx, pasid, [])
     if isinstance(pe, int):
         raise UsageError(f"sid {args.sid:#x} pasid {pasid:#x}: PASID lookup faults with {pe & 0xFF:#x} "
                          f"{reason_name(pe & 0xFF)}")
     pgtt = pe[1]
     if pgtt == 2:
-        return "ss", pe[3], pe[2]
+        return "ss", pe[3], pe[2], None
     if pgtt == 1:
-        return "fs", pe[5], pe[4]
+        return "fs", pe[5], pe[4], None
     if pgtt == 3:
-        raise UsageError("nested PASID entry: dump its stages separately with --fs-root (a GPA) and --ss-root")
+        return "fs", pe[5], pe[4], (pe[3], pe[2])
     raise UsageError(f"PASID entry {pasid:#x} is pass-through: every address maps to itself")
 
 

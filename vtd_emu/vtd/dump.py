@@ -8,7 +8,7 @@ This is an inspection tool: it reads memory only, sets no A/D bits and consults 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -16,6 +16,12 @@ from ..memory import Memory
 from .walk import ADDR_MASK, Geometry
 
 _ADDR = np.uint64(ADDR_MASK)
+
+
+class TableSource(Protocol):
+    """All enumeration needs of memory (HostRAM also offers ``page_array`` for zero-copy tables)."""
+
+    def read(self, addr: int, length: int) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -53,7 +59,7 @@ def perm_text(perm: int, stage: str) -> str:
     return "".join(c if perm & b else "-" for b, c in ((1, "r"), (2, "w"), (4, "x")))
 
 
-def _table(mem: Memory, addr: int) -> np.ndarray | None:
+def _table(mem: TableSource, addr: int) -> np.ndarray | None:
     page_array = getattr(mem, "page_array", None)
     if page_array is not None and addr & 0xFFF == 0:
         row = page_array(addr >> 12)
@@ -63,7 +69,7 @@ def _table(mem: Memory, addr: int) -> np.ndarray | None:
     return arr if arr.any() else None
 
 
-def leaves(mem: Memory, root: int, levels: int, stage: str, geo: Geometry) -> Leaves:
+def leaves(mem: TableSource, root: int, levels: int, stage: str, geo: Geometry) -> Leaves:
     """Every present leaf reachable from ``root`` (``stage`` is ``"fs"`` or ``"ss"``)."""
     cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
     top_bits = 12 + 9 * levels
@@ -83,7 +89,7 @@ def leaves(mem: Memory, root: int, levels: int, stage: str, geo: Geometry) -> Le
                   np.concatenate(cols[5])[order])
 
 
-def _descend(mem: Memory, table: int, level: int, va_base: int, perm: int, rsvd: bool, stage: str, geo: Geometry,
+def _descend(mem: TableSource, table: int, level: int, va_base: int, perm: int, rsvd: bool, stage: str, geo: Geometry,
              cols: list[list[np.ndarray]]) -> None:
     arr = _table(mem, table)
     if arr is None:
@@ -137,3 +143,49 @@ def merge(lv: Leaves) -> list[Range]:
         out.append(Range(int(va[s]), int(pa[s]), int(va[e - 1] + size[e - 1] - va[s]), int(size[s]), int(perm[s]),
                          bool(rsvd[s])))
     return out
+
+
+class _ThroughSecondStage:
+    """Guest-physical reads through a second stage's leaves: how the first-stage tables of a nested
+    PASID entry (whose pointers are GPAs) are read.  Unmapped GPAs read as zero (no table there)."""
+
+    def __init__(self, mem: Memory, ss: Leaves) -> None:
+        self.mem = mem
+        self.starts = ss.va
+        self.ends = ss.va + ss.size
+        self.pa = ss.pa
+
+    def read(self, gpa: int, length: int) -> bytes:
+        i = int(np.searchsorted(self.starts, np.uint64(gpa), side="right")) - 1
+        if i < 0 or gpa + length > int(self.ends[i]):
+            return bytes(length)
+        return self.mem.read(int(self.pa[i]) + gpa - int(self.starts[i]), length)
+
+
+def nested_leaves(mem: Memory, fs_root: int, fs_levels: int, ss_root: int, ss_levels: int, fs_geo: Geometry,
+                  ss_geo: Geometry) -> Leaves:
+    """A nested translation's mappings: first-stage leaves (GVA → GPA, tables read through the second
+    stage) composed with the second stage (GPA → HPA); one row per overlap of a first-stage leaf with a
+    second-stage leaf, permissions intersected, in GVA order.  GPAs the second stage does not map are
+    left out (a DMA there faults)."""
+    ss = leaves(mem, ss_root, ss_levels, "ss", ss_geo)
+    fs = leaves(_ThroughSecondStage(mem, ss), fs_root, fs_levels, "fs", fs_geo)
+    starts = [int(v) for v in ss.va]
+    ends = [int(v + s) for v, s in zip(ss.va, ss.size)]
+    cols: list[list[int]] = [[], [], [], [], [], []]
+    for va, gpa, size, perm, rsvd, entry in zip(fs.va.tolist(), fs.pa.tolist(), fs.size.tolist(), fs.perm.tolist(),
+                                                fs.rsvd.tolist(), fs.entry.tolist()):
+        i = max(int(np.searchsorted(ss.va, np.uint64(gpa), side="right")) - 1, 0)
+        while i < len(starts) and starts[i] < gpa + size:
+            lo, hi = max(gpa, starts[i]), min(gpa + size, ends[i])
+            if lo < hi:
+                cols[0].append(va + lo - gpa)
+                cols[1].append(int(ss.pa[i]) + lo - starts[i])
+                cols[2].append(hi - lo)
+                cols[3].append(perm & (int(ss.perm[i]) | 8))  # the user bit comes from the first stage
+                cols[4].append(bool(rsvd) or bool(ss.rsvd[i]))
+                cols[5].append(entry)
+            i += 1
+    u64 = np.uint64
+    return Leaves(np.array(cols[0], u64), np.array(cols[1], u64), np.array(cols[2], u64),
+                  np.array(cols[3], np.uint8), np.array(cols[4], bool), np.array(cols[5], u64))
