@@ -81,8 +81,12 @@ def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, roo
                 lvl = probe - 1
                 break
     touched: list[tuple[int, int]] | None = [] if wr is not None else None
+    # READ, WRITE and EXEC request bits sit where the entry's R, W and X bits do: one mask test per level.
+    need = req & 7
+    rsvd_leaf, rsvd_table = geo.rsvd_leaf, geo.rsvd_table
+    shift = 3 + 9 * lvl
     while True:
-        ea = table | (((iova >> (3 + 9 * lvl)) & 0x1FF) << 3)
+        ea = table | (((iova >> shift) & 0x1FF) << 3)
         e = rd(ea)
         if e < 0:
             return codes[0] if lvl == levels else codes[1]
@@ -90,28 +94,28 @@ def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, roo
             trace.append(("ss", lvl, ea, e))
         p = e & 7
         perm &= p
-        if not p & 3 or (req & WRITE and not perm & 2) or (req & READ and not perm & 1):
-            return codes[3] if (req & WRITE and not perm & 2) else codes[2]
-        if req & EXEC and not perm & 4:
+        if (perm & need) != need or not p & 3:
+            if not p & 3 or need & 3 & ~perm:
+                return codes[3] if (req & WRITE and not perm & 2) else codes[2]
             return codes[5]
         if touched is not None:
             touched.append((ea, e))
         if lvl == 1 or (e & 0x80 and lvl <= 3):
-            if e & geo.rsvd_leaf[lvl] or not geo.large_ok[lvl]:
+            if e & rsvd_leaf[lvl] or not geo.large_ok[lvl]:
                 return codes[4]
-            shift = 3 + 9 * lvl
             dirty = DIRTY_OK
             if touched is not None and wr is not None:
                 dirty = _set_ad(wr, touched, 0x100, 0x200 if req & WRITE else 0) and (e & 0x200 or req & WRITE) and DIRTY_OK
             return (e & geo.leaf_addr[lvl], shift, perm | dirty)
-        if e & geo.rsvd_table[lvl]:
+        if e & rsvd_table[lvl]:
             return codes[4]
         table = e & ADDR_MASK
         if psc is not None and psc_limit:
             if len(psc) >= psc_limit:
                 psc.popitem(last=False)
-            psc[((psc_tag << 3 | lvl) << 56) | (iova >> (3 + 9 * lvl))] = (table, perm)
+            psc[((psc_tag << 3 | lvl) << 56) | (iova >> shift)] = (table, perm)
         lvl -= 1
+        shift -= 9
 
 
 def _set_ad(wr: Callable[[int, int], bool], touched: list[tuple[int, int]], a_bit: int, d_bit: int) -> bool:
