@@ -212,11 +212,13 @@ class HostRAM:
         return None if row is None else self._pool[row]
 
     def load_image(self, data: bytes | memoryview, base: int = 0) -> None:
-        """Copy a raw image in, skipping all-zero pages so a sparse image stays sparse."""
+        """Copy a raw image in at ``base``, skipping all-zero pages so a sparse image stays sparse."""
         mv = memoryview(data).cast("B")
-        total = len(mv)
-        arr = np.frombuffer(mv, dtype=np.uint8)
-        for off in range(0, total, PAGE_SIZE):
-            chunk = arr[off : off + PAGE_SIZE]
-            if chunk.any():
-                self.write(base + off, mv[off : off + PAGE_SIZE])
+        pages = len(mv) // PAGE_SIZE
+        if pages:
+            arr = np.frombuffer(mv, dtype=np.uint64, count=pages * (PAGE_SIZE // 8)).reshape(pages, -1)
+            for i in np.nonzero(arr.any(axis=1))[0].tolist():
+                self.write(base + i * PAGE_SIZE, mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+        tail = mv[pages * PAGE_SIZE:]
+        if any(tail):
+            self.write(base + pages * PAGE_SIZE, tail)

@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 
 from .errors import TraceError
-from .memory import PAGE_SIZE, HostRAM
+from .memory import HostRAM
 
 _CHUNK = 1 << 20
 
@@ -46,16 +45,8 @@ def load_ram_image(path: str | Path, *, base: int = 0, ram: HostRAM | None = Non
                 chunk = f.read(_CHUNK)
                 if not chunk:
                     break
-                n = len(chunk)
-                pages = n // PAGE_SIZE
-                if pages:
-                    arr = np.frombuffer(chunk, dtype=np.uint64, count=pages * (PAGE_SIZE // 8)).reshape(pages, -1)
-                    for i in np.nonzero(arr.any(axis=1))[0].tolist():
-                        ram.write(addr + i * PAGE_SIZE, chunk[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
-                tail = chunk[pages * PAGE_SIZE:]
-                if tail.strip(b"\0"):
-                    ram.write(addr + pages * PAGE_SIZE, tail)
-                addr += n
+                ram.load_image(chunk, base=addr)
+                addr += len(chunk)
     except OSError as exc:
         raise TraceError(str(p), f"offset {addr - base:#x}", f"read failed: {exc}") from None
     except Exception as exc:  # zstandard raises its own ZstdError for corrupt input

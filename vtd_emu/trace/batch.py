@@ -64,7 +64,6 @@ from ..vtd.caches import _FRONT_LIMIT, E_ALIVE, E_ALLOWED, KIND_FS, KIND_SS
 from ..vtd.iommu import DROPPED, INTR_HI, INTR_LO, VtdIommu
 from ..vtd.walk import ADDR_MASK, F_EAFE, _set_ad, canonical, fs_allowed
 
-MSI_LO, MSI_HI = 0xFEE0_0000, 0xFEF0_0000
 SKIPPED = -(1 << 17)
 """Chunk result of a DMA to the interrupt window under ``interrupt_window_untranslated`` (not translated)."""
 
@@ -238,7 +237,7 @@ class BatchEngine:
         n = int(iova.shape[0])
         skip = np.zeros(n, bool)
         if self.iommu.quirks.interrupt_window_untranslated:
-            skip = (iova >= np.uint64(MSI_LO)) & (iova < np.uint64(MSI_HI))
+            skip = (iova >= np.uint64(INTR_LO)) & (iova < np.uint64(INTR_HI))
             res[skip] = SKIPPED
         pos = 0
         w = self.max_window

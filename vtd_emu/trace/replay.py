@@ -23,11 +23,10 @@ from ..errors import ConfigError, TraceError
 from ..memory import HostRAM
 from ..vtd.access import NO_PASID, PRIV, READ, WRITE
 from ..vtd.config import VtdConfig, qemu72_config
-from ..vtd.iommu import DROPPED, VtdIommu
+from ..vtd.iommu import DROPPED, INTR_HI, INTR_LO, VtdIommu
 from .batch import SKIPPED, BatchEngine, run_block
 from .model import DmaBlock, Event, Trace, TraceConfig, blockify
 
-MSI_LO, MSI_HI = 0xFEE0_0000, 0xFEF0_0000
 _U64 = (1 << 64) - 1
 IQT, IQA = 0x88, 0x90
 DESC_TYPE_NAMES = {1: "context-cache", 2: "iotlb", 3: "device-tlb", 4: "iec", 5: "wait", 6: "pasid-iotlb",
@@ -479,7 +478,7 @@ class Replayer:
             n = min(4096 - (a & 0xFFF), length - pos)
             st.chunks += 1
             st.scalar_chunks += 1
-            if window and MSI_LO <= a < MSI_HI:
+            if window and INTR_LO <= a < INTR_HI:
                 st.untranslated += 1
                 addrs.append(None)
                 pos += n

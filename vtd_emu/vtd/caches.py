@@ -42,7 +42,6 @@ def sid_matches(entry_sid: int, sid: int, fm: int) -> bool:
 
 @dataclass(slots=True)
 class CacheStats:
-    front_hits: int = 0
     iotlb_hits: int = 0
     iotlb_misses: int = 0
     context_hits: int = 0

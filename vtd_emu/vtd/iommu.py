@@ -837,7 +837,7 @@ class VtdIommu:
     # -- DMA ---------------------------------------------------------------------------------------
     def dma_read(self, sid: int, iova: int, length: int, pasid: int | None = None, priv: bool = False) -> DmaResult:
         """Read ``length`` bytes as a device would, translating each 4 KiB IOVA page separately; a faulting
-        chunk reads as zeros."""
+        chunk reads as zeros (as does, under the ``interrupt_window_untranslated`` quirk, the MSI window)."""
         return self._dma(sid, iova, length, None, pasid, READ | (PRIV if priv else 0))
 
     def dma_write(self, sid: int, iova: int, data: bytes, pasid: int | None = None, priv: bool = False) -> DmaResult:
@@ -851,10 +851,14 @@ class VtdIommu:
         ptag = NO_PASID if pasid is None else pasid
         mem = self.mem
         xl = self.xlate
+        window = self.quirks.interrupt_window_untranslated
         pos = 0
         while pos < length:
             a = iova + pos
             n = min(4096 - (a & 0xFFF), length - pos)
+            if window and INTR_LO <= a < INTR_HI:
+                pos += n  # QEMU: never translated; reads give zeros, writes become MSIs, no fault
+                continue
             hpa = xl(sid, ptag, a, req)
             if hpa >= 0:
                 if data is None:
