@@ -568,7 +568,7 @@ def measure_hits(sc: Scenario, p: Params) -> Row:
     return row
 
 
-# -- batched replay (vtd_emu.trace.batch) ------------------------------------------------------------
+# -- batched replay (vtd_emu.vtd.batch) ------------------------------------------------------------
 
 BATCH_DMAS = 1_000_000
 """DMAs (64 bytes each, so one translation each) in the batched-replay segment and trace."""
@@ -636,7 +636,7 @@ def _cache_state(io: VtdIommu) -> tuple[object, ...]:
 
 
 def measure_batched_translation(layout: str, n: int, reps: int, rng: random.Random) -> BatchRow:
-    from vtd_emu.trace.batch import BatchEngine
+    from vtd_emu.vtd.batch import BatchEngine
 
     title = ("compact working set (one IOVA range)" if layout == "compact"
              else "scattered working set (16 regions over 48 bits)")
@@ -754,7 +754,7 @@ def measure_replay(n: int, reps: int, rng: random.Random) -> ReplayRow:
 def render_batched(rows: list[BatchRow], replay: ReplayRow | None) -> list[str]:
     out: list[str] = []
     w = out.append
-    w("## Batched replay (`vtd_emu.trace.batch`)")
+    w("## Batched replay (`vtd_emu.vtd.batch`)")
     w("")
     w("| segment | translations per pass | scalar `xlate` loop (translations/s) | batched, cold caches | "
       "batched, warm caches | batched (cold) / scalar |")

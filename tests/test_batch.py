@@ -16,7 +16,7 @@ from vtd_emu.builders import (PAGE_2M, PGTT_FS, PGTT_NESTED, PGTT_SS, R, U, W, X
                               LegacyRootTable, PageAllocator, PasidTables, ScalableRootTable, SecondStageTable,
                               enable_translation)
 from vtd_emu.memory import HostRAM
-from vtd_emu.trace.batch import SKIPPED, BatchEngine, PageIndex, expand_chunks, run_block
+from vtd_emu.vtd.batch import SKIPPED, BatchEngine, PageIndex, expand_chunks, run_block
 from vtd_emu.trace.replay import memory_hash
 from vtd_emu.vtd.access import NO_PASID, READ, WRITE
 from vtd_emu.vtd.config import VtdConfig
@@ -100,7 +100,7 @@ def snapshot(rig: Rig) -> dict[str, Any]:
             "stats": (c.stats.iotlb_hits, c.stats.iotlb_misses, c.stats.walks, c.stats.context_hits,
                       c.stats.context_misses, c.stats.pasid_hits, c.stats.pasid_misses),
             "faults": rig.io.fault_records(), "regs": rig.io.register_dump(), "mem": memory_hash(rig.ram),
-            "interrupts": list(rig.io.interrupts), "gen": rig.ram.generation, "bypass": sorted(rig.io._pt_bypass)}
+            "interrupts": list(rig.io.interrupts), "gen": rig.ram.generation, "bypass": sorted(rig.io.pt_bypass)}
 
 
 def make_ops(seed: int, rig: Rig, n_runs: int) -> list[tuple[str, Any]]:
@@ -333,7 +333,7 @@ def test_translate_matches_xlate_with_requests_mixed() -> None:
 
 @pytest.mark.parametrize("layout", ["dense", "regions", "sorted"])
 def test_key_layouts_agree_with_a_naive_dedupe(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vtd_emu.trace import batch as B
+    from vtd_emu.vtd import batch as B
 
     if layout != "dense":
         monkeypatch.setattr(B, "_DENSE_MAX", 1 << 22 if layout == "regions" else 0)

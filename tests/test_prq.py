@@ -7,7 +7,6 @@ import pytest
 
 from chip_helpers import FSTS, PAGE_4K, PECTL, PEADDR, PEDATA, PGTT_FS, PQA, PQH, PQT, PRSTS, U, W, Rig
 from vtd_emu.spec import specs
-from vtd_emu.vtd.caches import E_DID
 from vtd_emu.vtd.prq import RC_FAILURE, RC_INVALID_REQUEST, RC_SUCCESS, PageRequestStatus, PageResponse
 from vtd_emu.vtd.qi import T_PAGE_RESPONSE, make_descriptor
 
@@ -169,9 +168,9 @@ def test_implicit_invalidation_of_the_first_stage_page() -> None:
     rig, pt, _ = rig_with_prq()
     assert rig.io.translate(A, VA, "r", pasid=7).addr == 0x8000_0000
     iotlb = rig.io.caches.iotlb
-    assert any(e[E_DID] == 4 for e in iotlb.values())
+    assert any(e.did == 4 for e in iotlb.values())
     rig.io.page_request(A, VA, read=True, write=False, pasid=7)
-    assert not any(e[E_DID] == 4 for e in iotlb.values())
+    assert not any(e.did == 4 for e in iotlb.values())
 
 
 def test_no_prs_means_unsupported() -> None:

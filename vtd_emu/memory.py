@@ -12,6 +12,7 @@ IOMMU, not an error.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -40,10 +41,29 @@ class Memory(Protocol):
     def is_ram(self, addr: int) -> bool: ...
 
 
+class ReadOnlyView:
+    """A memory view that reads through to ``mem`` and drops writes (for side-effect-free inspection
+    walks: A/D updates and status writes happen nowhere).  Writes report success, as they would have on
+    the memory below, so the walk takes the same path it takes for real."""
+
+    __slots__ = ("read_u64", "read", "is_ram")
+
+    def __init__(self, mem: Memory) -> None:
+        self.read_u64 = mem.read_u64
+        self.read = mem.read
+        self.is_ram = mem.is_ram
+
+    def write_u64(self, addr: int, value: int) -> bool:
+        return True
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> int:
+        return len(data)
+
+
 class HostRAM:
     """Sparse little-endian memory of ``size`` bytes (default: the whole 64-bit space)."""
 
-    __slots__ = ("size", "_rows", "_pool", "_q", "_b", "_used", "_pfn_index", "generation", "watch")
+    __slots__ = ("size", "_rows", "_pool", "_q", "_b", "_used", "generation", "watch")
 
     def __init__(self, size: int | None = None, *, initial_pages: int = 64) -> None:
         if size is None:
@@ -56,7 +76,6 @@ class HostRAM:
         self._pool = np.zeros((max(1, initial_pages), _U64_PER_PAGE), dtype=np.uint64)
         self._q: memoryview = self._pool.reshape(-1).data.cast("B").cast("Q")
         self._b: memoryview = self._pool.reshape(-1).data.cast("B")
-        self._pfn_index: tuple[np.ndarray, np.ndarray] | None = None
         # Bumped on every write: lets batched readers know when their snapshot of memory is stale.
         self.generation = 0
         # When a list, every write appends (address, previous bytes) first: how callers see exactly what
@@ -72,7 +91,6 @@ class HostRAM:
                 self._grow()
             self._rows[pfn] = row
             self._used = row + 1
-            self._pfn_index = None
         return row
 
     def _grow(self) -> None:
@@ -175,36 +193,22 @@ class HostRAM:
         self.write(addr, bytes([byte]) * length)
 
     # -- batched access --------------------------------------------------------------------------
-    def gather_u64(self, addrs: np.ndarray) -> np.ndarray:
-        """Vectorised ``read_u64`` of 8-byte-aligned addresses (uint64 array); never-written reads 0.
+    # Zero-copy accessors for vectorised readers (the batch engine): page ``pfn`` is row
+    # ``page_rows()[pfn]`` of ``u64_pool()``.  Rows are handed out in the insertion order of
+    # ``page_rows()`` and never move, but the pool array is replaced when it grows: take it again after
+    # anything that may have added a page.
+    def page_rows(self) -> MappingProxyType[int, int]:
+        """pfn → row of every page written so far (a live read-only view, in the order rows were given)."""
+        return MappingProxyType(self._rows)
 
-        Addresses that are not memory also read 0 here: callers that must tell them apart check
-        ``addrs < size`` themselves.
-        """
-        addrs = np.asarray(addrs, dtype=np.uint64)
-        pfns = addrs >> np.uint64(PAGE_SHIFT)
-        sorted_pfns, sorted_rows = self._index()
-        if sorted_pfns.size == 0:
-            return np.zeros(addrs.shape, dtype=np.uint64)
-        pos = np.searchsorted(sorted_pfns, pfns)
-        pos = np.minimum(pos, sorted_pfns.size - 1)
-        hit = sorted_pfns[pos] == pfns
-        rows = sorted_rows[pos]
-        cols = ((addrs >> np.uint64(3)) & np.uint64(511)).astype(np.intp)
-        vals = self._pool[rows, cols]
-        return np.where(hit, vals, np.uint64(0))
+    def u64_pool(self) -> np.ndarray:
+        """The page rows, shape (rows, 512), dtype uint64 (a view: writes go to memory; rows past
+        ``pages_used`` are spare)."""
+        return self._pool
 
-    def _index(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._pfn_index is None:
-            if self._rows:
-                items = sorted(self._rows.items())
-                pf = np.fromiter((p for p, _ in items), dtype=np.uint64, count=len(items))
-                rw = np.fromiter((r for _, r in items), dtype=np.intp, count=len(items))
-            else:
-                pf = np.zeros(0, dtype=np.uint64)
-                rw = np.zeros(0, dtype=np.intp)
-            self._pfn_index = (pf, rw)
-        return self._pfn_index
+    def ensure_page(self, pfn: int) -> int:
+        """The row of page ``pfn``, giving it one (zero-filled) if it was never written."""
+        return self._row_for_write(pfn)
 
     def page_array(self, pfn: int) -> np.ndarray | None:
         """The u64 row of page ``pfn`` (a view, writes go to memory), or None if never written."""

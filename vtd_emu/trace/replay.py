@@ -3,7 +3,7 @@
 :func:`build_machine` makes the RAM and the chip a trace's ``config`` describes; :class:`Replayer` runs
 the events through the chip's public API (MMIO, memory, DMA, page requests), compares expectations, and
 collects :class:`ReplayStats` (DMAs, bytes, faults by reason, cache hit rates, invalidations by type).
-Runs of DMA go through :mod:`vtd_emu.trace.batch` unless ``batch=False``; the outcome is the same either
+Runs of DMA go through :mod:`vtd_emu.vtd.batch` unless ``batch=False``; the outcome is the same either
 way.  With ``record=True`` the replayer also returns the trace again with fresh expectations taken from
 what happened (``vtd-emu record``).
 """
@@ -24,7 +24,7 @@ from ..memory import HostRAM
 from ..vtd.access import NO_PASID, PRIV, READ, WRITE
 from ..vtd.config import VtdConfig, qemu72_config
 from ..vtd.iommu import DROPPED, INTR_HI, INTR_LO, VtdIommu
-from .batch import SKIPPED, BatchEngine, run_block
+from ..vtd.batch import SKIPPED, BatchEngine, run_block
 from .model import DmaBlock, Event, Trace, TraceConfig, blockify
 
 _U64 = (1 << 64) - 1

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
+from ..spec.consts import FR
 from .access import EXEC, NO_PASID, PRIV, READ, WRITE
-from .caches import E_ALLOWED, E_BASE, E_SHIFT
+from .entries import CTX_LEGACY, DROPPED, FPD_SHIFT, REASON_MASK, TT_DEV_TLB, WALK, Context
+from .prq import PageRequestStatus, PageResponse
 
 if TYPE_CHECKING:
     from .iommu import VtdIommu
-    from .prq import PageRequestStatus, PageResponse
 
 _ADDR_BITS = 52          # ATS addresses carry bits 63:12
+_SM_RTA_INV, _CONTEXT_ENTRY_TT, _SM_DTE_CLEAR = FR.SM_RTA_INV, FR.CONTEXT_ENTRY_TT, FR.SM_DTE_CLEAR
 
 
 class AtsCompletion(NamedTuple):
@@ -79,7 +81,6 @@ def chip_translate(chip: "VtdIommu", sid: int, iova: int, *, write: bool = False
     """An ATS translation request as the unit processes it: context/PASID problems and a context that
     does not allow device-TLBs (legacy TT != 01, scalable DTE=0) are recorded and answered UR; page-walk
     faults are recoverable and answered with no permission, without a fault record."""
-    from .iommu import _WALK, DROPPED
     ptag = NO_PASID if pasid is None else pasid
     base_req = (PRIV if priv else 0) | (EXEC if exe else 0)
     req = (WRITE if write else READ) | base_req
@@ -88,26 +89,26 @@ def chip_translate(chip: "VtdIommu", sid: int, iova: int, *, write: bool = False
         return AtsCompletion("ur", 0, 0, False, False)
     ctx = _ats_context(chip, sid)
     if type(ctx) is int:
-        reason = -chip._fault(sid, ptag, iova, req, ctx)  # type: ignore[arg-type]
+        reason = -chip.report_fault(sid, ptag, iova, req, ctx)
         return AtsCompletion("ur", 0, 0, False, False, reason)
-    r = chip._lookup(sid, ptag, iova, req)
+    r = chip.lookup(sid, ptag, iova, req)
     denied = 0
-    if type(r) is int and write and r != DROPPED and r & _WALK:
+    if type(r) is int and write and r != DROPPED and r & WALK:
         # Not writable: say what a read could do instead, keeping why the write was refused.
-        denied = r & 0xFF
-        r = chip._lookup(sid, ptag, iova, READ | base_req)
+        denied = r & REASON_MASK
+        r = chip.lookup(sid, ptag, iova, READ | base_req)
     if type(r) is int:
         if r == DROPPED:
             return AtsCompletion("success", 0, 1 << 12, False, False)
-        if r & _WALK:
-            return AtsCompletion("success", 0, 1 << 12, False, False, r & 0xFF)
-        reason = -chip._fault(sid, ptag, iova, req, r)
+        if r & WALK:
+            return AtsCompletion("success", 0, 1 << 12, False, False, r & REASON_MASK)
+        reason = -chip.report_fault(sid, ptag, iova, req, r)
         return AtsCompletion("ur", 0, 0, False, False, reason)
     e, _ = r  # type: ignore[misc]
-    allowed = e[E_ALLOWED]
+    allowed = e.allowed
     rd = bool((allowed >> (READ | base_req)) & 1)
     wr = bool((allowed >> (WRITE | base_req)) & 1)
-    return AtsCompletion("success", e[E_BASE], 1 << e[E_SHIFT], rd, wr, denied)
+    return AtsCompletion("success", e.base, 1 << e.shift, rd, wr, denied)
 
 
 def chip_translated_access(chip: "VtdIommu", sid: int, addr: int, write: bool, pasid: int | None) -> int:
@@ -117,25 +118,23 @@ def chip_translated_access(chip: "VtdIommu", sid: int, addr: int, write: bool, p
         return addr
     ctx = _ats_context(chip, sid)
     if type(ctx) is int:
-        return chip._fault(sid, NO_PASID if pasid is None else pasid, addr, WRITE if write else READ,
-                           ctx)  # type: ignore[arg-type]
+        return chip.report_fault(sid, NO_PASID if pasid is None else pasid, addr, WRITE if write else READ, ctx)
     return addr
 
 
-def _ats_context(chip: "VtdIommu", sid: int) -> "tuple[int, ...] | int":
-    """The (cached) context of ``sid``, or the fault reason when it is unusable or does not allow
-    device-TLBs (legacy TT != 01: 0x0D; scalable DTE=0: 0x44)."""
-    from .iommu import _CTX_LEGACY
+def _ats_context(chip: "VtdIommu", sid: int) -> Context | int:
+    """The (cached) context of ``sid``, or the fault int when it is unusable or does not allow
+    device-TLBs (legacy TT != 01: CONTEXT_ENTRY_TT; scalable DTE=0: SM_DTE_CLEAR)."""
     if chip.root_invalid:
-        return 0x30
+        return _SM_RTA_INV
     ctx = chip.context_entry(sid)
     if isinstance(ctx, int):
         return ctx
-    if ctx[0] == _CTX_LEGACY:  # type: ignore[index]
-        if ctx[2] != 1:  # type: ignore[index]
-            return 0x0D | ctx[5] << 8  # type: ignore[index]
-    elif not ctx[7]:  # type: ignore[index]
-        return 0x44 | ctx[1] << 8  # type: ignore[index]
+    if ctx.kind == CTX_LEGACY:
+        if ctx.tt != TT_DEV_TLB:  # type: ignore[union-attr]
+            return _CONTEXT_ENTRY_TT | ctx.fpd << FPD_SHIFT
+    elif not ctx.dte:  # type: ignore[union-attr]
+        return _SM_DTE_CLEAR | ctx.fpd << FPD_SHIFT
     return ctx
 
 
@@ -228,6 +227,12 @@ class AtsDevice:
         return DeviceDma(b"", tuple(faults))
 
     def _translated(self, iova: int, write: bool, pasid: int | None, faults: list[int]) -> int | None:
+        if iova >> 64:
+            # A DMA running past the top of the address space: the unit answers that chunk as it would any
+            # address it cannot translate (nothing to keep in the ATC).
+            c = chip_translate(self.chip, self.sid, iova, write=write, pasid=pasid)
+            faults.append(c.reason)
+            return None
         e = self.lookup(iova, pasid)
         if e is None or not (e.write if write else e.read):
             c = self.translation_request(iova, "w" if write else "r", pasid)
@@ -263,14 +268,14 @@ class AtsDevice:
     # -- page requests -------------------------------------------------------------------------
     def page_request(self, addr: int, *, read: bool = True, write: bool = False, exe: bool = False,
                      priv: bool = False, pasid: int | None = None, last: bool = True, prgi: int = 0,
-                     private_data: int | None = None) -> "PageRequestStatus":
+                     private_data: int | None = None) -> PageRequestStatus:
         """Send a PRI page request for ``addr`` (the device must have PRI enabled)."""
         if not self.pri:
             raise ValueError(f"device {self.sid:#06x} has PRI disabled")
         return self.chip.page_request(self.sid, addr, read=read, write=write, exe=exe, priv=priv, pasid=pasid,
                                       last=last, prgi=prgi, private_data=private_data)
 
-    def receive_response(self, resp: "PageResponse") -> None:
+    def receive_response(self, resp: PageResponse) -> None:
         self.responses.append(resp)
         if self.on_response is not None:
             self.on_response(resp)

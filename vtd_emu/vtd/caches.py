@@ -14,16 +14,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 from .access import NO_PASID
+from .entries import (KIND_FS, KIND_NAMES, KIND_NESTED, KIND_PT, KIND_SS, Context, IotlbEntry, PasidEntry,
+                      ScalableContext)
 
-# IOTLB entry: a list, so invalidation can mark it dead without touching the memo.
-E_BASE, E_MASK, E_ALLOWED, E_ALIVE, E_DID, E_PASID, E_KIND, E_IOVA, E_SHIFT = range(9)
-
-KIND_SS, KIND_FS, KIND_NESTED, KIND_PT = 0, 1, 2, 3
-KIND_NAMES = {KIND_SS: "second-stage", KIND_FS: "first-stage", KIND_NESTED: "nested", KIND_PT: "pass-through"}
-
-_FRONT_LIMIT = 1 << 18
+FRONT_LIMIT = 1 << 18
+"""Front-memo slots; a fill past this clears the memo."""
 
 
 def iotlb_key(did: int, ptag: int, size_idx: int, iova: int) -> int:
@@ -48,12 +46,27 @@ class CacheStats:
     context_misses: int = 0
     pasid_hits: int = 0
     pasid_misses: int = 0
-    psc_hits: int = 0
     walks: int = 0
     invalidations: dict[str, int] = field(default_factory=dict)
 
     def count(self, kind: str) -> None:
         self.invalidations[kind] = self.invalidations.get(kind, 0) + 1
+
+
+class EvictionObserver(Protocol):
+    """Told, before it happens, whenever a fill makes the caches lose something a front-memo answer could
+    rest on (capacity evictions and replacements; invalidations are not fills and are not reported here).
+    The batch engine uses it to know which of its answers stop being repeatable."""
+
+    def entry_lost(self, entry: IotlbEntry) -> None:
+        """``entry`` leaves the IOTLB (FIFO eviction, or a refill of its key)."""
+
+    def memo_cleared(self) -> None:
+        """The whole front memo is about to be cleared (an eviction from a cache without per-entry
+        tracking, a flush of a full IOTLB, or memo overflow)."""
+
+    def slot_replaced(self, key: int) -> None:
+        """The front-memo slot ``key`` is rewritten (another request type of the same page)."""
 
 
 class Caches:
@@ -65,12 +78,12 @@ class Caches:
         self.psc_size = psc_size
         self.flush_when_full = flush_when_full
         self.psi_mask_bits = psi_mask_bits
-        self.front: dict[int, tuple[int, list[int]]] = {}
+        self.front: dict[int, tuple[int, IotlbEntry]] = {}
         # OrderedDict: FIFO eviction with popitem(last=False) is O(1); next(iter(dict)) after many
         # deletions is not.
-        self.context: OrderedDict[int, tuple[int, ...]] = OrderedDict()
-        self.pasid: OrderedDict[tuple[int, int], tuple[int, ...]] = OrderedDict()
-        self.iotlb: OrderedDict[int, list[int]] = OrderedDict()
+        self.context: OrderedDict[int, Context] = OrderedDict()
+        self.pasid: OrderedDict[tuple[int, int], PasidEntry] = OrderedDict()
+        self.iotlb: OrderedDict[int, IotlbEntry] = OrderedDict()
         # Paging-structure caches, filled by the walkers (walk.py) under packed keys
         # ((tag << 3 | level) << 56 | region); tag = DID (second stage) or DID << 20 | PASID (first stage).
         self.psc_ss: OrderedDict[int, tuple[int, int]] = OrderedDict()
@@ -78,57 +91,74 @@ class Caches:
         self.stats = CacheStats()
         # Bit i set: the IOTLB may hold entries of page-size index i; lookups probe only those sizes.
         self.sizes_held = 0
+        self.observer: EvictionObserver | None = None
 
     # -- fills -----------------------------------------------------------------------------------
-    def put_context(self, sid: int, ctx: tuple[int, ...]) -> None:
+    def put_context(self, sid: int, ctx: Context) -> None:
         if self.context_size == 0:
             return
         if len(self.context) >= self.context_size:
+            if self.observer is not None:
+                self.observer.memo_cleared()
             self.context.popitem(last=False)
             self.front.clear()
         self.context[sid] = ctx
 
-    def put_pasid(self, sid: int, pasid: int, pe: tuple[int, ...]) -> None:
+    def put_pasid(self, sid: int, pasid: int, pe: PasidEntry) -> None:
         if self.pasid_size == 0:
             return
         if len(self.pasid) >= self.pasid_size:
+            if self.observer is not None:
+                self.observer.memo_cleared()
             self.pasid.popitem(last=False)
             self.front.clear()
         self.pasid[(sid, pasid)] = pe
 
-    def put_iotlb(self, key: int, entry: list[int]) -> None:
+    def put_iotlb(self, key: int, entry: IotlbEntry) -> None:
         if self.iotlb_size == 0:
             return
         iotlb = self.iotlb
+        obs = self.observer
         if len(iotlb) >= self.iotlb_size and key not in iotlb:
             if self.flush_when_full:
+                if obs is not None:
+                    obs.memo_cleared()
                 self._kill_all()
             else:
-                iotlb.popitem(last=False)[1][E_ALIVE] = 0
+                if obs is not None:
+                    obs.entry_lost(next(iter(iotlb.values())))
+                iotlb.popitem(last=False)[1].alive = 0
         prev = iotlb.get(key)
         if prev is not None:
-            prev[E_ALIVE] = 0
+            if obs is not None:
+                obs.entry_lost(prev)
+            prev.alive = 0
         iotlb[key] = entry
         self.sizes_held |= 1 << ((key >> 52) & 3)
 
-    def put_front(self, key: int, out4k: int, entry: list[int]) -> None:
+    def put_front(self, key: int, out4k: int, entry: IotlbEntry) -> None:
         front = self.front
-        if len(front) >= _FRONT_LIMIT:
+        if self.observer is not None:
+            if len(front) >= FRONT_LIMIT:
+                self.observer.memo_cleared()
+            elif key in front:
+                self.observer.slot_replaced(key)
+        if len(front) >= FRONT_LIMIT:
             front.clear()
         front[key] = (out4k, entry)
 
     # -- invalidation ----------------------------------------------------------------------------
     def _kill_all(self) -> None:
         for e in self.iotlb.values():
-            e[E_ALIVE] = 0
+            e.alive = 0
         self.iotlb.clear()
         self.front.clear()
         self.sizes_held = 0
 
-    def _kill_where(self, pred: "object") -> int:
-        dead = [k for k, e in self.iotlb.items() if pred(e)]  # type: ignore[operator]
+    def _kill_where(self, pred: Callable[[IotlbEntry], bool]) -> int:
+        dead = [k for k, e in self.iotlb.items() if pred(e)]
         for k in dead:
-            self.iotlb.pop(k)[E_ALIVE] = 0
+            self.iotlb.pop(k).alive = 0
         return len(dead)
 
     def context_global(self) -> None:
@@ -139,7 +169,7 @@ class Caches:
     def context_domain(self, did: int) -> None:
         self.stats.count("context-domain")
         # Scalable-mode context entries carry no DID: a domain-selective request drops all of them.
-        for sid in [s for s, c in self.context.items() if c[0] == 1 or c[1] == did]:
+        for sid in [s for s, c in self.context.items() if isinstance(c, ScalableContext) or c.did == did]:
             del self.context[sid]
         self.front.clear()
 
@@ -156,13 +186,13 @@ class Caches:
 
     def pasid_domain(self, did: int) -> None:
         self.stats.count("pasid-domain")
-        for k in [k for k, pe in self.pasid.items() if pe[0] == did]:
+        for k in [k for k, pe in self.pasid.items() if pe.did == did]:
             del self.pasid[k]
         self.front.clear()
 
     def pasid_selective(self, did: int, pasid: int) -> None:
         self.stats.count("pasid-selective")
-        for k in [k for k, pe in self.pasid.items() if pe[0] == did and k[1] == pasid]:
+        for k in [k for k, pe in self.pasid.items() if pe.did == did and k[1] == pasid]:
             del self.pasid[k]
         self.front.clear()
 
@@ -174,7 +204,7 @@ class Caches:
 
     def iotlb_domain(self, did: int) -> None:
         self.stats.count("iotlb-domain")
-        self._kill_where(lambda e: e[E_DID] == did)
+        self._kill_where(lambda e: e.did == did)
         self._drop_psc(did, None)
 
     def iotlb_page(self, did: int, addr: int, am: int, ih: bool) -> None:
@@ -184,16 +214,16 @@ class Caches:
         lo, hi = self._range(addr, am)
         bits = self.psi_mask_bits
 
-        def hit(e: list[int]) -> bool:
-            if e[E_DID] != did:
+        def hit(e: IotlbEntry) -> bool:
+            if e.did != did:
                 return False
-            if e[E_KIND] in (KIND_FS, KIND_NESTED):
+            if e.kind in (KIND_FS, KIND_NESTED):
                 return True
             if bits is not None:
                 # QEMU 7.2: page numbers compared through an 8-bit mask (over-invalidation).
                 mask = ((1 << bits) - 1) & ~((1 << am) - 1) if am < bits else 0
-                return ((e[E_IOVA] >> 12) & mask) == ((addr >> 12) & mask)
-            return e[E_IOVA] < hi and e[E_IOVA] + (1 << e[E_SHIFT]) > lo
+                return ((e.iova >> 12) & mask) == ((addr >> 12) & mask)
+            return e.iova < hi and e.iova + (1 << e.shift) > lo
 
         self._kill_where(hit)
         if not ih:
@@ -201,7 +231,7 @@ class Caches:
 
     def piotlb_pasid(self, did: int, pasid: int) -> None:
         self.stats.count("piotlb-pasid")
-        self._kill_where(lambda e: e[E_DID] == did and e[E_PASID] == pasid)
+        self._kill_where(lambda e: e.did == did and e.pasid == pasid)
         self._drop_psc(did, pasid)
 
     def piotlb_page(self, did: int, pasid: int, addr: int, am: int, ih: bool) -> None:
@@ -209,9 +239,8 @@ class Caches:
         second-stage-only or pass-through entries."""
         self.stats.count("piotlb-page")
         lo, hi = self._range(addr, am)
-        self._kill_where(lambda e: e[E_DID] == did and e[E_PASID] == pasid
-                         and e[E_KIND] in (KIND_FS, KIND_NESTED)
-                         and e[E_IOVA] < hi and e[E_IOVA] + (1 << e[E_SHIFT]) > lo)
+        self._kill_where(lambda e: e.did == did and e.pasid == pasid and e.kind in (KIND_FS, KIND_NESTED)
+                         and e.iova < hi and e.iova + (1 << e.shift) > lo)
         if not ih:
             self._drop_psc(did, pasid, fs_only=True)
 
@@ -241,5 +270,5 @@ class Caches:
                 "psc_ss": len(self.psc_ss), "psc_fs": len(self.psc_fs)}
 
 
-__all__ = ["Caches", "CacheStats", "iotlb_key", "sid_matches", "NO_PASID", "KIND_SS", "KIND_FS",
-           "KIND_NESTED", "KIND_PT", "KIND_NAMES"]
+__all__ = ["Caches", "CacheStats", "EvictionObserver", "FRONT_LIMIT", "iotlb_key", "sid_matches", "NO_PASID",
+           "KIND_SS", "KIND_FS", "KIND_NESTED", "KIND_PT", "KIND_NAMES"]

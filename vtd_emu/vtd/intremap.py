@@ -12,14 +12,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..spec import specs
+from ..spec.consts import FR, GSTS, IRTA
+from .entries import FPD_SHIFT, REASON_MASK
 from .events import Interrupt
-from .faults import QUALIFIED, reason_name
+from .faults import reason_name
 
 if TYPE_CHECKING:
     from .iommu import VtdIommu
 
-_IRES = 1 << 25
-_CFIS = 1 << 23
+_IRES = GSTS.IRES
+_CFIS = GSTS.CFIS
+_EIME, _IRT_SIZE = IRTA.EIME, IRTA.S
+_IR_REQ_RSVD, _IR_INDEX_OVER, _IR_ENTRY_P = FR.IR_REQ_RSVD, FR.IR_INDEX_OVER, FR.IR_ENTRY_P
+_IR_ROOT_INVAL, _IR_IRTE_RSVD, _IR_REQ_COMPAT, _IR_SID_ERR = (FR.IR_ROOT_INVAL, FR.IR_IRTE_RSVD, FR.IR_REQ_COMPAT,
+                                                             FR.IR_SID_ERR)
 _MSI_BASE = 0xFEE0_0000
 _SQ_MASKS = (0xFFFF, 0xFFFB, 0xFFF9, 0xFFF8)
 _CACHE_LIMIT = 1024
@@ -93,30 +99,30 @@ class InterruptRemapper:
         if not gsts & _IRES:
             return self._send(Interrupt("passthrough", addr, data, data & 0xFF, (addr >> 12) & 0xFF))
         irta = chip.irta_latched
-        eime = bool(irta & (1 << 11)) and self.eim
+        eime = bool(irta & _EIME) and self.eim
         if not addr & 0x10:
             # Compatibility format: allowed only in xAPIC mode with GCMD.CFI set (QEMU: always).
             if self.compat_passthrough or (not eime and gsts & _CFIS):
                 return self._send(Interrupt("passthrough", addr, data, data & 0xFF, (addr >> 12) & 0xFF))
-            return self._fault(sid, 0x25, None, 0)
+            return self._fault(sid, _IR_REQ_COMPAT, None, 0)
         handle = ((addr >> 5) & 0x7FFF) | ((addr >> 2) & 1) << 15
         shv = (addr >> 3) & 1
         index = handle + (data & 0xFFFF if shv else 0)
         if addr >> 32 or (addr >> 20) != 0xFEE or (shv and data >> 16):
-            return self._fault(sid, 0x20, index, 0)
-        if index >= 2 << (irta & 0xF):
-            return self._fault(sid, 0x21, index, 0)
+            return self._fault(sid, _IR_REQ_RSVD, index, 0)
+        if index >= 2 << (irta & _IRT_SIZE):
+            return self._fault(sid, _IR_INDEX_OVER, index, 0)
         e = self.cache.get(index)
         if e is None:
             got = self._load(irta, index, eime)
             if isinstance(got, int):
-                return self._fault(sid, got & 0xFF, index, got >> 8)
+                return self._fault(sid, got & REASON_MASK, index, got >> FPD_SHIFT)
             e = got
             if len(self.cache) >= _CACHE_LIMIT:
                 del self.cache[next(iter(self.cache))]
             self.cache[index] = e
         if not self._sid_ok(sid, e):
-            return self._fault(sid, 0x26, index, e.fpd)
+            return self._fault(sid, _IR_SID_ERR, index, e.fpd)
         dest = e.dst if eime else (e.dst >> 8) & 0xFF
         out_addr = _MSI_BASE | (dest & 0xFF) << 12 | e.rh << 3 | e.dm << 2 | (dest >> 8) << 32
         out_data = e.vector | e.dlm << 8 | 1 << 14 | e.tm << 15
@@ -124,20 +130,20 @@ class InterruptRemapper:
         return self._send(Interrupt("remapped", out_addr, out_data, e.vector, dest))
 
     def _load(self, irta: int, index: int, eime: bool) -> "_Irte | int":
-        """The IRTE, or reason | FPD << 8 when it cannot be used."""
+        """The IRTE, or reason | FPD << FPD_SHIFT when it cannot be used."""
         rd = self.chip.mem.read_u64
         base = irta & ~0xFFF & ((1 << self.chip.cfg.haw) - 1)
         lo, hi = rd(base + 16 * index), rd(base + 16 * index + 8)
         if lo < 0 or hi < 0:
-            return 0x23
+            return _IR_ROOT_INVAL
         f = self.f
         v = lo | hi << 64
         fpd = f["FPD"].get(v)
         if not f["P"].get(v):
-            return 0x22 | fpd << 8
+            return _IR_ENTRY_P | fpd << FPD_SHIFT
         # Posted format (IM=1) is not modelled (no preset has CAP.PI): its bits are reserved here.
         if lo & self.rsvd[0] or hi & self.rsvd[1] or f["IM"].get(v) or (not eime and v & _XAPIC_DST_RSVD):
-            return 0x24 | fpd << 8
+            return _IR_IRTE_RSVD | fpd << FPD_SHIFT
         return _Irte(fpd, f["DM"].get(v), f["RH"].get(v), f["TM"].get(v), f["DLM"].get(v), f["V"].get(v),
                      f["DST"].get(v), f["SID"].get(v), f["SQ"].get(v), f["SVT"].get(v))
 
@@ -154,19 +160,14 @@ class InterruptRemapper:
         return False  # SVT=3 is reserved: verification cannot pass
 
     def _fault(self, sid: int, reason: int, index: int | None, fpd: int) -> IrFault:
-        chip = self.chip
         self.blocked += 1
-        if fpd and reason in QUALIFIED:
-            chip.suppressed += 1
-            return IrFault(reason, reason_name(reason), index, False)
         fi = ((index or 0) & 0xFFFF) << 48
         # T=0 and no PASID: an interrupt request is neither a read nor a PASID-tagged request.
-        recorded = chip.faults.record(sid, fi, reason, True)
-        return IrFault(reason, reason_name(reason), index, recorded)
+        recorded = self.chip.faults.report(sid, fi, reason, fpd, True)
+        return IrFault(reason, reason_name(reason), index, bool(recorded))
 
     def _send(self, irq: Interrupt) -> Interrupt:
-        self.chip._interrupt(irq)
-        return irq
+        return self.chip.deliver_interrupt(irq)
 
 
 __all__ = ["InterruptRemapper", "IrFault"]

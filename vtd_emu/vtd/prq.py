@@ -16,13 +16,17 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..spec import specs
+from ..spec.consts import FR, PRSTS
 from .access import NO_PASID
-from .faults import QUALIFIED
+from .descriptors import PageGroupResponse
+from .entries import CTX_SM, FPD_SHIFT, PGTT_FS, PGTT_NESTED, REASON_MASK
 
 if TYPE_CHECKING:
     from .iommu import VtdIommu
 
-PPR, PRO = 1, 2
+PPR, PRO = PRSTS.PPR, PRSTS.PRO
+_SM_RTA_INV, _SM_RTA_LEGACY_PRQ = FR.SM_RTA_INV, FR.SM_RTA_LEGACY_PRQ
+_SM_PRE_CLEAR, _SM_PASIDE_CLEAR = FR.SM_PRE_CLEAR, FR.SM_PASIDE_CLEAR
 _DESC_BYTES = 32
 _OFFSET_MASK = 0x7FFE0    # PQH/PQT bits 18:5
 
@@ -152,36 +156,32 @@ class PageRequestUnit:
     def _check(self, sid: int, addr: int, pasid: int | None, priv: bool, exe: bool) -> "tuple[int, bool, int] | int":
         """(DID, first-stage translation?, PASID used) of the request's PASID entry, or the fault reason
         after recording it."""
-        from .iommu import _CTX_SM, _PGTT_FS, _PGTT_NESTED
         chip = self.chip
         if chip.root_invalid:
-            return self._fault(sid, addr, pasid, priv, exe, 0x30)
+            return self._fault(sid, addr, pasid, priv, exe, _SM_RTA_INV)
         if not chip.root_scalable:
-            return self._fault(sid, addr, pasid, priv, exe, 0x32)
+            return self._fault(sid, addr, pasid, priv, exe, _SM_RTA_LEGACY_PRQ)
         ctx = chip.context_entry(sid)
         if type(ctx) is int:
-            return self._fault(sid, addr, pasid, priv, exe, ctx)  # type: ignore[arg-type]
-        if ctx[0] != _CTX_SM:  # type: ignore[index]
+            return self._fault(sid, addr, pasid, priv, exe, ctx)
+        if ctx.kind != CTX_SM:  # type: ignore[union-attr]
             # A legacy entry still cached from before the root table changed: a legacy-mode page request.
-            return self._fault(sid, addr, pasid, priv, exe, 0x32)
+            return self._fault(sid, addr, pasid, priv, exe, _SM_RTA_LEGACY_PRQ)
         _, cfpd, pdir, pdts, rid_pasid, pre, paside, dte, rid_priv = ctx  # type: ignore[misc]
         if not pre:
-            return self._fault(sid, addr, pasid, priv, exe, 0x47 | cfpd << 8)
+            return self._fault(sid, addr, pasid, priv, exe, _SM_PRE_CLEAR | cfpd << FPD_SHIFT)
         if pasid is not None and not paside:
-            return self._fault(sid, addr, pasid, priv, exe, 0x45 | cfpd << 8)
+            return self._fault(sid, addr, pasid, priv, exe, _SM_PASIDE_CLEAR | cfpd << FPD_SHIFT)
         eff = pasid if pasid is not None else (rid_pasid if chip.use_rid_pasid else 0)
         pe = chip.pasid_entry(sid, ctx, eff)  # type: ignore[arg-type]
         if type(pe) is int:
-            return self._fault(sid, addr, pasid, priv, exe, pe)  # type: ignore[arg-type]
-        return pe[0], pe[1] in (_PGTT_FS, _PGTT_NESTED), eff  # type: ignore[index]
+            return self._fault(sid, addr, pasid, priv, exe, pe)
+        return pe.did, pe.pgtt in (PGTT_FS, PGTT_NESTED), eff  # type: ignore[union-attr]
 
     def _fault(self, sid: int, addr: int, pasid: int | None, priv: bool, exe: bool, f: int) -> int:
-        reason = f & 0xFF
-        if (f >> 8) & 1 and reason in QUALIFIED:
-            self.chip.suppressed += 1
-            return reason
+        reason = f & REASON_MASK
         # (T2, T1) = (1, 0) marks a page request in the record.
-        self.chip.faults.record(sid, addr, reason, True, pasid, priv, exe, page_request=True)
+        self.chip.faults.report(sid, addr, reason, (f >> FPD_SHIFT) & 1, True, pasid, priv, exe, page_request=True)
         return reason
 
     def _auto(self, sid: int, pasid: int | None, prgi: int, code: int, private: int | None) -> None:
@@ -193,15 +193,18 @@ class PageRequestUnit:
         for one, else reported in ``chip.unmatched_responses``.  Returns whether it matched."""
         resp = PageResponse(sid, pasid, prgi, code, private_data)
         key = (sid, pasid, prgi)
-        if self.outstanding[key] > 0:
+        matched = self.outstanding[key] > 0
+        if matched:
             self.outstanding[key] -= 1
             if not self.outstanding[key]:
                 del self.outstanding[key]
             self._deliver(resp)
-            return True
-        self.outstanding.pop(key, None)
-        self.chip.unmatched_responses.append(resp)
-        return False
+        else:
+            self.outstanding.pop(key, None)
+            self.chip.unmatched_responses.append(resp)
+        if self.chip.invalidation_observers:
+            self.chip.notify_invalidation(PageGroupResponse(sid, pasid, prgi, code, private_data, matched))
+        return matched
 
     def _deliver(self, resp: PageResponse) -> None:
         self.delivered.append(resp)

@@ -16,8 +16,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from ..spec import Field, specs
+from ..spec.consts import GSTS, ICS, IQA
 from .access import NO_PASID
 from .config import VtdConfig
+from .descriptors import DeviceTlbInvalidation, IecInvalidation, PasidCacheInvalidation, PasidIotlbInvalidation
 from .faults import ICE, IQE, ITE
 
 if TYPE_CHECKING:
@@ -36,9 +38,10 @@ IQEI_NO_INFO, IQEI_TAIL, IQEI_FETCH, IQEI_TYPE, IQEI_RESERVED, IQEI_DW, IQEI_TAI
 _QEMU_TYPES = frozenset({T_CONTEXT, T_IOTLB, T_DEV_TLB, T_IEC, T_WAIT, T_PIOTLB, T_PASID_CACHE})
 _PASID_TYPES = frozenset({T_PIOTLB, T_PASID_CACHE, T_PASID_DEV_TLB})
 _BLOCKING = IQE | ITE
-_IWC = 1
+_IWC = ICS.IWC
+_QIES = GSTS.QIES
 _QT_MASK = 0x7FFF0          # IQH/IQT bits 18:4
-_DW_BIT = 1 << 11           # IQA.DW
+_DW_BIT = IQA.DW
 LAYOUTS = {T_CONTEXT: "inv_context_cache", T_IOTLB: "inv_iotlb", T_DEV_TLB: "inv_dev_tlb", T_IEC: "inv_iec",
            T_WAIT: "inv_wait", T_PIOTLB: "inv_pasid_iotlb", T_PASID_CACHE: "inv_pasid_cache",
            T_PASID_DEV_TLB: "inv_pasid_dev_tlb", T_PAGE_RESPONSE: "inv_page_group_response"}
@@ -173,7 +176,7 @@ class InvalidationQueue:
         """GCMD.QIE changed: latch IQA and start fetching, or stop (IQH back to 0)."""
         regs = self.regs
         gsts = regs.get("GSTS")
-        qies = 1 << 26
+        qies = _QIES
         if on:
             v = self.iqa
             self.base = v & self.haw_mask
@@ -314,7 +317,7 @@ class InvalidationQueue:
         g = f["G"].get(v)
         if g == 0:
             return IQEI_RESERVED
-        self.chip.invalidate_context(g, f["DID"].get(v), f["SID"].get(v), f["FM"].get(v))
+        self.chip.invalidate_context(g, f["DID"].get(v), f["SID"].get(v), f["FM"].get(v), queued=True)
         return None
 
     def _iotlb(self, v: int, qs: tuple[int, ...]) -> int | None:
@@ -322,7 +325,7 @@ class InvalidationQueue:
         g = f["G"].get(v)
         # DR/DW ask to drain reads/writes first: requests complete synchronously here, nothing to drain.
         done = self.chip.invalidate_iotlb(g, f["DID"].get(v), _in_qword(f["ADDR"], v), f["AM"].get(v),
-                                          bool(f["IH"].get(v)))
+                                          bool(f["IH"].get(v)), queued=True)
         return None if done else IQEI_RESERVED  # G=0 or AM > MAMV
 
     def _dev_tlb(self, v: int, qs: tuple[int, ...]) -> int | None:
@@ -339,24 +342,31 @@ class InvalidationQueue:
     def _send_ats_invalidation(self, sid: int, pasid: int | None, addr: int, s: bool) -> None:
         """Forward an invalidation to the endpoint; ``pasid`` NO_PASID (requests without PASID), a PASID,
         or None (every PASID)."""
-        dev = self.chip.devices.get(sid)
-        if dev is None or not dev.ats:
-            return  # nothing behind this requester caches translations: the request completes at once
-        if not dev.invalidate(pasid, addr, s):
-            if self.pending_timeout is None:
-                self.pending_timeout = sid
-            return
-        if dev.spurious_completion:
-            self._completion_error(sid)
+        chip = self.chip
+        dev = chip.devices.get(sid)
+        answered = True
+        if dev is not None and dev.ats:
+            answered = dev.invalidate(pasid, addr, s)
+            if not answered:
+                if self.pending_timeout is None:
+                    self.pending_timeout = sid
+            elif dev.spurious_completion:
+                self._completion_error(sid)
+        # else nothing behind this requester caches translations: the request completes at once
+        if chip.invalidation_observers:
+            chip.notify_invalidation(DeviceTlbInvalidation(sid, pasid, addr, s, answered))
 
     def _iec(self, v: int, qs: tuple[int, ...]) -> int | None:
         f = self.f[T_IEC]
         im = f["IM"].get(v)
         if im > self.mhmv and not self.qemu_desc:
             return IQEI_RESERVED
-        ir = self.chip.intremap
-        if ir is not None:
-            ir.invalidate(not f["G"].get(v), f["IIDX"].get(v), im)
+        chip = self.chip
+        everything, index = not f["G"].get(v), f["IIDX"].get(v)
+        if chip.intremap is not None:
+            chip.intremap.invalidate(everything, index, im)
+        if chip.invalidation_observers:
+            chip.notify_invalidation(IecInvalidation(everything, index, im))
         return None
 
     def _wait(self, v: int, qs: tuple[int, ...]) -> int | None:
@@ -391,32 +401,40 @@ class InvalidationQueue:
             return None  # accepted and ignored by QEMU 7.2
         f = self.f[T_PIOTLB]
         g, did, pasid = f["G"].get(v), f["DID"].get(v), f["PASID"].get(v)
-        c = self.chip.caches
+        chip = self.chip
+        c = chip.caches
+        addr, am, ih = 0, 0, False
         if g == 2:
             c.piotlb_pasid(did, pasid)
-            return None
-        if g == 3:
+        elif g == 3:
             am = f["AM"].get(v)
             if am > self.mamv:
                 return IQEI_RESERVED
-            c.piotlb_page(did, pasid, _in_qword(f["ADDR"], v), am, bool(f["IH"].get(v)))
-            return None
-        return IQEI_RESERVED
+            addr, ih = _in_qword(f["ADDR"], v), bool(f["IH"].get(v))
+            c.piotlb_page(did, pasid, addr, am, ih)
+        else:
+            return IQEI_RESERVED
+        if chip.invalidation_observers:
+            chip.notify_invalidation(PasidIotlbInvalidation(g, did, pasid, addr, am, ih))
+        return None
 
     def _pasid_cache(self, v: int, qs: tuple[int, ...]) -> int | None:
         if self.qemu_desc:
             return None  # accepted and ignored by QEMU 7.2 (its PASID entries are never cached)
         f = self.f[T_PASID_CACHE]
-        g, did = f["G"].get(v), f["DID"].get(v)
-        c = self.chip.caches
+        g, did, pasid = f["G"].get(v), f["DID"].get(v), f["PASID"].get(v)
+        chip = self.chip
+        c = chip.caches
         if g == 0:
             c.pasid_domain(did)
         elif g == 1:
-            c.pasid_selective(did, f["PASID"].get(v))
+            c.pasid_selective(did, pasid)
         elif g == 3:
             c.pasid_global()
         else:
             return IQEI_RESERVED
+        if chip.invalidation_observers:
+            chip.notify_invalidation(PasidCacheInvalidation(g, did, pasid))
         return None
 
     def _page_response(self, v: int, qs: tuple[int, ...]) -> int | None:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..spec import specs
+from ..spec.consts import FR, FS_PDE_2M, FS_PTE, SS_PDE_2M, SS_PTE
 from .access import ALL_REQ, EXEC, PRIV, READ, REQ_SUP, REQ_USER, REQ_W, REQ_X, WRITE
 
-ADDR_MASK = 0x000F_FFFF_FFFF_F000
+ADDR_MASK = FS_PTE.ADDR
 """Bits 51:12 of a table entry: the next table (its bits at or above HAW are reserved, so checked)."""
 
 TraceEntry = tuple[str, int, int, int]
@@ -58,8 +59,17 @@ class Geometry:
 
 # Fault codes of one second-stage context: (top-level read error, lower read error, read denied,
 # write denied, reserved bits, execute denied)
-SS_CODES_LEGACY = (0x03, 0x07, 0x06, 0x05, 0x0C, 0x06)
-SS_CODES_SM = (0x7B, 0x78, 0x79, 0x79, 0x7A, 0x82)
+SS_CODES_LEGACY = (FR.CONTEXT_ENTRY_INV, FR.PAGING_ENTRY_INV, FR.READ, FR.WRITE, FR.PAGING_ENTRY_RSVD, FR.READ)
+SS_CODES_SM = (FR.SM_SSPTPTR_INV, FR.SM_SS_READ_ERR, FR.SM_SS_ENTRY_NP, FR.SM_SS_ENTRY_NP, FR.SM_SS_ENTRY_RSVD,
+               FR.SM_EXEC_DENIED)
+
+# Entry bits the walkers test and set (the same in every level's layout: the 4 KiB leaf's names)
+SS_A, SS_D, SS_PS = SS_PTE.A, SS_PTE.D, SS_PDE_2M.PS
+FS_P, FS_A, FS_D, FS_EA, FS_PS = FS_PTE.P, FS_PTE.A, FS_PTE.D, FS_PTE.EA, FS_PDE_2M.PS
+FS_RW_LO, FS_US_LO, FS_XD_LO = FS_PTE.RW_LO, FS_PTE.US_LO, FS_PTE.XD_LO
+_FS_READ_ERR, _FS_ROOT_READ_ERR, _FS_ENTRY_P = FR.SM_FS_READ_ERR, FR.SM_FSPTPTR_READ_ERR, FR.SM_FS_ENTRY_P
+_FS_ENTRY_RSVD, _NESTED_AD_DENIED, _FS_AD_WRITE_FAIL = FR.SM_FS_ENTRY_RSVD, FR.SM_NESTED_FS_AD_SS_DENIED, FR.SM_FS_AD_WRITE_FAIL
+_US_CLEAR, _SM_WRITE, _EXEC_DENIED = FR.SM_US_CLEAR, FR.SM_WRITE, FR.SM_EXEC_DENIED
 
 SsResult = tuple[int, int, int]
 """(output base aligned to the leaf, log2 of the leaf size, perm: R=1 W=2 X=4, DIRTY_OK=8)"""
@@ -100,12 +110,12 @@ def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, roo
             return codes[5]
         if touched is not None:
             touched.append((ea, e))
-        if lvl == 1 or (e & 0x80 and lvl <= 3):
+        if lvl == 1 or (e & SS_PS and lvl <= 3):
             if e & rsvd_leaf[lvl] or not geo.large_ok[lvl]:
                 return codes[4]
             dirty = DIRTY_OK
             if touched is not None and wr is not None:
-                dirty = _set_ad(wr, touched, 0x100, 0x200 if req & WRITE else 0) and (e & 0x200 or req & WRITE) and DIRTY_OK
+                dirty = set_ad(wr, touched, SS_A, SS_D if req & WRITE else 0) and (e & SS_D or req & WRITE) and DIRTY_OK
             return (e & geo.leaf_addr[lvl], shift, perm | dirty)
         if e & rsvd_table[lvl]:
             return codes[4]
@@ -118,7 +128,7 @@ def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, roo
         shift -= 9
 
 
-def _set_ad(wr: Callable[[int, int], bool], touched: list[tuple[int, int]], a_bit: int, d_bit: int) -> bool:
+def set_ad(wr: Callable[[int, int], bool], touched: list[tuple[int, int]], a_bit: int, d_bit: int) -> bool:
     """Set ``a_bit`` in every entry used and ``d_bit`` in the leaf; False if a write failed."""
     last = len(touched) - 1
     for i, (ea, e) in enumerate(touched):
@@ -155,10 +165,10 @@ def fs_allowed(rw: int, us: int, xd: int, dirty: bool, flags: int) -> int:
 def fs_denied_code(req: int, rw: int, us: int, flags: int) -> int:
     """The fault reason for a request ``fs_allowed`` refused (dirty aside): U/S, then write, then exec."""
     if not req & PRIV and not us:
-        return 0x81
+        return _US_CLEAR
     if req & WRITE and not rw and (not req & PRIV or flags & F_WPE):
-        return 0x85
-    return 0x82
+        return _SM_WRITE
+    return _EXEC_DENIED
 
 
 FsResult = tuple[int, int, int]
@@ -200,35 +210,35 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
             ea = table | idx
         e = rd(ea)
         if e < 0:
-            return 0x73 if lvl == levels else 0x70
+            return _FS_ROOT_READ_ERR if lvl == levels else _FS_READ_ERR
         if trace is not None:
             trace.append(("fs", lvl, ea, e))
-        if not e & 1:
-            return 0x71
+        if not e & FS_P:
+            return _FS_ENTRY_P
         touched.append((ea, e))
         acc &= e
-        rw &= (e >> 1) & 1
-        us &= (e >> 2) & 1
-        xd |= e >> 63
-        if lvl == 1 or (e & 0x80 and lvl <= 3):
+        rw &= (e >> FS_RW_LO) & 1
+        us &= (e >> FS_US_LO) & 1
+        xd |= e >> FS_XD_LO
+        if lvl == 1 or (e & FS_PS and lvl <= 3):
             if e & geo.rsvd_leaf[lvl] or not geo.large_ok[lvl]:
-                return 0x72
+                return _FS_ENTRY_RSVD
             allowed = fs_allowed(rw, us, xd, True, flags)
             if not (allowed >> req) & 1:
                 return fs_denied_code(req, rw, us, flags)
-            a_bit = 0x20 | (0x400 if flags & F_EAFE else 0)
-            d_bit = 0x40 if req & WRITE else 0
+            a_bit = FS_A | (FS_EA if flags & F_EAFE else 0)
+            d_bit = FS_D if req & WRITE else 0
             if (acc & a_bit) != a_bit or (e & d_bit) != d_bit:  # some A/EA/D bit still to set
                 if ss_ro:
                     # A/D updates write the FS tables through the second stage, which must allow it.
-                    return 0x77
-                if not _set_ad(wr, touched, a_bit, d_bit):
-                    return 0x91
-            if not (e & 0x40 or d_bit):
+                    return _NESTED_AD_DENIED
+                if not set_ad(wr, touched, a_bit, d_bit):
+                    return _FS_AD_WRITE_FAIL
+            if not (e & FS_D or d_bit):
                 allowed &= ~REQ_W  # a later write must walk again to set D
             return (e & geo.leaf_addr[lvl], 3 + 9 * lvl, allowed)
         if e & geo.rsvd_table[lvl]:
-            return 0x72
+            return _FS_ENTRY_RSVD
         table = e & ADDR_MASK
         if psc is not None and psc_limit:
             if len(psc) >= psc_limit:

@@ -12,8 +12,8 @@ a run memory changes only through the DMA payloads, so this module can:
    page tables are walked for all keys of a stream at once, one gather per level over the u64 rows of
    ``HostRAM`` (pfn → row through :class:`PageIndex`: a dense lookup slice when the pages are close, else
    ``searchsorted``).
-3. **Fill the caches in first-use order** with the chip's own calls (``_probe_iotlb``, ``put_context``,
-   ``put_pasid``, ``_fill`` → ``put_iotlb``, ``put_front``), replaying the paging-structure-cache probes
+3. **Fill the caches in first-use order** with the chip's own calls (``probe_iotlb``, ``put_context``,
+   ``put_pasid``, ``fill`` → ``put_iotlb``, ``put_front``), replaying the paging-structure-cache probes
    and inserts and first-stage A/D updates the walkers would have done.  So the caches end in the state,
    and the FIFO order, the scalar path leaves, and the hit counters agree too.
 
@@ -27,7 +27,8 @@ Exactness rules (why the result equals the scalar path's, chunk for chunk):
   slot holds a live entry that allows the request.  Whatever could end that — an IOTLB eviction or
   replacement (FIFO past capacity, a refill of the same IOTLB key), a front-memo slot rewritten for
   another request type, a context/PASID-cache eviction or front-memo overflow (both clear the memo) — is
-  observed as it happens (the ``Caches`` fill calls are wrapped while a window runs), and the run is cut
+  observed as it happens (the window is the caches' :class:`~vtd_emu.vtd.caches.EvictionObserver` while it
+  runs), and the run is cut
   at the next occurrence of every key that depended on what was lost.  A key whose first result is not
   stable (a fault, a drop, an uncached translation) cuts the run at its second occurrence.
 * Anything the numpy walker does not cover — faults, pass-through, nested, second-stage A/D, privileged
@@ -45,8 +46,9 @@ Anything that makes batching unsafe as a whole — ``HostRAM.watch`` in use, a s
 is not a ``HostRAM`` — sends the whole run through the scalar loop.  The property test in
 ``tests/test_batch.py`` checks batched == scalar on random tables and traces, stale caches included.
 
-This module knows the chip's internals (cache layouts, ``_lookup``'s order of operations); the property
-test is what keeps the two in step.
+This module uses the chip's public decode/fill interface (``load_context``, ``load_pasid``,
+``probe_iotlb``, ``fill``, the caches and their eviction observer, ``HostRAM.page_rows``/``u64_pool``) and
+mirrors ``lookup``'s order of operations; the property test is what keeps the two in step.
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ import numpy as np
 
 from ..errors import InternalError
 from ..memory import PAGE_SIZE, HostRAM
-from ..vtd.access import NO_PASID, READ, REQ_X, WRITE, ss_allowed
-from ..vtd.caches import _FRONT_LIMIT, E_ALIVE, E_ALLOWED, KIND_FS, KIND_SS
-from ..vtd.iommu import DROPPED, INTR_HI, INTR_LO, VtdIommu
-from ..vtd.walk import ADDR_MASK, F_EAFE, _set_ad, canonical, fs_allowed
+from .access import NO_PASID, READ, REQ_X, WRITE, ss_allowed
+from .entries import (CTX_LEGACY, DROPPED, INTR_HI, INTR_LO, KIND_FS, KIND_SS, PGTT_FS, PGTT_SS, TT_PT, Context,
+                      IotlbEntry, PasidEntry)
+from .iommu import VtdIommu
+from .walk import ADDR_MASK, F_EAFE, FS_A, FS_D, FS_EA, canonical, fs_allowed, set_ad
 
 SKIPPED = -(1 << 17)
 """Chunk result of a DMA to the interrupt window under ``interrupt_window_untranslated`` (not translated)."""
@@ -77,8 +80,8 @@ _IDENTITY, _SCALAR, _SS, _FS = 0, 1, 2, 3
 
 
 class PageIndex:
-    """pfn → row of ``HostRAM._pool``, vectorised.  Rows are only ever added, in insertion order of the
-    RAM's page dict, so the index grows incrementally from the dict's tail."""
+    """pfn → row of ``HostRAM.u64_pool()``, vectorised.  Rows are only ever added, in insertion order of
+    ``HostRAM.page_rows()``, so the index grows incrementally from its tail."""
 
     def __init__(self, ram: HostRAM) -> None:
         self.ram = ram
@@ -87,13 +90,13 @@ class PageIndex:
         self.rows = np.zeros(0, np.int64)
 
     def refresh(self) -> None:
-        rows = self.ram._rows
+        rows = self.ram.page_rows()
         n = len(rows)
         if n == self.count:
             return
         new = n - self.count
         # The newest pages are the dict's last keys (rows are handed out in insertion order).
-        tail = list(islice(reversed(rows.keys()), new))
+        tail = list(islice(reversed(rows), new))
         pf = np.array(tail, dtype=np.uint64)
         rw = np.fromiter((rows[p] for p in tail), np.int64, new)
         pfns = np.concatenate([self.pfns, pf])
@@ -132,7 +135,7 @@ class PageIndex:
         cols = ((addrs >> np.uint64(3)) & np.uint64(511)).astype(np.int64)
         vals = np.zeros(addrs.shape, np.uint64)
         have = rows >= 0
-        vals[have] = ram._pool[rows[have], cols[have]]
+        vals[have] = ram.u64_pool()[rows[have], cols[have]]
         if ram.size >= 1 << 64:
             nomem = np.zeros(addrs.shape, bool)
         else:
@@ -145,8 +148,8 @@ class _Stream:
     kind: int
     sid: int
     ptag: int
-    ctx: tuple[int, ...] | None = None
-    pe: tuple[int, ...] | None = None
+    ctx: Context | None = None
+    pe: PasidEntry | None = None
     pasid: int = 0
     tag: int = 0
     did: int = 0
@@ -351,8 +354,8 @@ class _Data:
         if widx.size:
             pages = np.unique(out[widx] >> 12)
             for p in pages.tolist():
-                ram._row_for_write(p)
-        pool = ram._pool.reshape(-1).view(np.uint8)
+                ram.ensure_page(p)
+        pool = ram.u64_pool().reshape(-1).view(np.uint8)
         idx = self.eng.index
         if widx.size:
             wrow = idx.lookup((out[widx] >> 12).astype(np.uint64))
@@ -707,7 +710,7 @@ class _Window:
         # Keys answered so far, with the front-memo slot and IOTLB entry their repeats rely on.
         self.done_r: list[int] = []
         self.done_fkey: list[int] = []
-        self.done_entry: list[list[int]] = []
+        self.done_entry: list[IotlbEntry] = []
         self.kills = 0
         self.overlay: dict[int, int] = {}          # table entries written during this window
         self.r0: set[int] = set()                   # pages the precomputed walks and decodes read
@@ -718,7 +721,7 @@ class _Window:
     def _next_occ(self, r: int, after: int) -> int:
         return self.k.next_occ(r, after)
 
-    def _lose_entry(self, entry: list[int]) -> None:
+    def _lose_entry(self, entry: IotlbEntry) -> None:
         """``entry`` is leaving the IOTLB: every key answered by it ends being stable at its next use."""
         self.kills += 1
         if self.kills > 64:
@@ -752,49 +755,15 @@ class _Window:
             if f is not None:
                 self.cut = min(self.cut, f + 1)
 
-    # -- cache call wrappers -------------------------------------------------------------------------
-    def _wrap(self) -> Callable[[], None]:
-        c = self.io.caches
-        orig_iotlb, orig_front, orig_ctx, orig_pasid = c.put_iotlb, c.put_front, c.put_context, c.put_pasid
+    # -- the caches' eviction observer (set while the window runs) ------------------------------------
+    def entry_lost(self, entry: IotlbEntry) -> None:
+        self._lose_entry(entry)
 
-        def put_iotlb(key: int, entry: list[int]) -> None:
-            iot = c.iotlb
-            if c.iotlb_size:
-                if len(iot) >= c.iotlb_size and key not in iot:
-                    if c.flush_when_full:
-                        self._lose_all()
-                    else:
-                        self._lose_entry(next(iter(iot.values())))
-                prev = iot.get(key)
-                if prev is not None:
-                    self._lose_entry(prev)
-            orig_iotlb(key, entry)
+    def memo_cleared(self) -> None:
+        self._lose_all()
 
-        def put_front(key: int, out4k: int, entry: list[int]) -> None:
-            if len(c.front) >= _FRONT_LIMIT:
-                self._lose_all()
-            elif key in c.front:
-                self._lose_slot(key)
-            orig_front(key, out4k, entry)
-
-        def put_context(sid: int, ctx: tuple[int, ...]) -> None:
-            if c.context_size and len(c.context) >= c.context_size:
-                self._lose_all()  # the eviction clears the front memo
-            orig_ctx(sid, ctx)
-
-        def put_pasid(sid: int, pasid: int, pe: tuple[int, ...]) -> None:
-            if c.pasid_size and len(c.pasid) >= c.pasid_size:
-                self._lose_all()
-            orig_pasid(sid, pasid, pe)
-
-        c.put_iotlb, c.put_front, c.put_context, c.put_pasid = (  # type: ignore[method-assign]
-            put_iotlb, put_front, put_context, put_pasid)
-
-        def restore() -> None:
-            # The wrappers are instance attributes shadowing the methods: removing them restores the class's.
-            for name in ("put_iotlb", "put_front", "put_context", "put_pasid"):
-                c.__dict__.pop(name, None)
-        return restore
+    def slot_replaced(self, key: int) -> None:
+        self._lose_slot(key)
 
     # -- run ---------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -823,7 +792,10 @@ class _Window:
         done_r, done_fkey, done_entry = self.done_r, self.done_fkey, self.done_entry
         wpages = self.wpages
         stats = self.eng.stats
-        restore = self._wrap()
+        caches = io.caches
+        if caches.observer is not None:
+            raise InternalError("batch: the caches already have an eviction observer")
+        caches.observer = self
         try:
             for r in range(u):
                 f = firsts[r]
@@ -837,7 +809,7 @@ class _Window:
                 sid, ptag, iova, req = f_sid[r], f_ptag[r], f_iova[r], f_req[r]
                 fkey = (((sid << 21) | ptag) << 52) | (iova >> 12)
                 hit = front_get(fkey)
-                if hit is not None and hit[1][3] and (hit[1][2] >> req) & 1:
+                if hit is not None and hit[1].alive and (hit[1].allowed >> req) & 1:
                     out = hit[0] | (iova & 0xFFF)
                     first_res[r] = out
                     page[r] = hit[0]
@@ -866,7 +838,7 @@ class _Window:
                         self.cut = min(self.cut, f + 1)
                     wpages.setdefault(pg, f)
         finally:
-            restore()
+            caches.observer = None
         cut = self.cut
         # Results of [a, a+cut): repeats of stable keys from their key's page, first uses as computed.
         off = (d.iova[a:a + k.n] & np.uint64(0xFFF)).view(np.int64)
@@ -877,7 +849,7 @@ class _Window:
         d.apply(max(d.done, a), a + cut)
         return a + cut
 
-    def _settle_stable(self, r: int, fkey: int, entry: list[int], page: int) -> None:
+    def _settle_stable(self, r: int, fkey: int, entry: IotlbEntry, page: int) -> None:
         self.page[r] = page
         self.done_r.append(r)
         self.done_fkey.append(fkey)
@@ -900,10 +872,10 @@ class _Window:
                 self.overlay[q] = ram.read_u64(q)
         if out >= 0:
             hit = io.caches.front.get(fkey)
-            if hit is not None and hit[1][3] and (hit[1][2] >> req) & 1:
+            if hit is not None and hit[1].alive and (hit[1].allowed >> req) & 1:
                 self._settle_stable(r, fkey, hit[1], hit[0])
                 return out
-            if not io.te or sid in io._pt_bypass:
+            if not io.te or sid in io.pt_bypass:
                 self.page[r] = iova & ~0xFFF
                 return out
         self.unstable[r] = True
@@ -959,38 +931,38 @@ class _Window:
     def _stream(self, sid: int, ptag: int) -> _Stream:
         io = self.io
         q = io.quirks
-        if not io.te or sid in io._pt_bypass:
+        if not io.te or sid in io.pt_bypass:
             return _Stream(_IDENTITY, sid, ptag)
         if io.root_invalid or q.iotlb_before_context or q.pasid_entry_uncached:
             return _Stream(_SCALAR, sid, ptag)
         c = io.caches
-        ctx = c.context.get(sid)
+        ctx: Context | int | None = c.context.get(sid)
         if ctx is None:
-            ctx = self._load(lambda: io._load_context(sid))
-            if type(ctx) is int:
+            ctx = self._load(lambda: io.load_context(sid))
+        if type(ctx) is int:
+            return _Stream(_SCALAR, sid, ptag)
+        if ctx.kind == CTX_LEGACY:  # type: ignore[union-attr]
+            _, did, tt, levels, slptptr, fpd = ctx  # type: ignore[misc]
+            if ptag != NO_PASID or tt == TT_PT:
                 return _Stream(_SCALAR, sid, ptag)
-        if ctx[0] == 0:  # legacy
-            _, did, tt, levels, slptptr, fpd = ctx
-            if ptag != NO_PASID or tt == 2:
-                return _Stream(_SCALAR, sid, ptag)
-            return _Stream(_SS, sid, ptag, ctx, None, 0, did, did, levels, slptptr, 0, 1, False)
-        _, cfpd, pdir, pdts, rid_pasid, pre, paside, dte, rid_priv = ctx
+            return _Stream(_SS, sid, ptag, ctx, None, 0, did, did, levels, slptptr, 0, 1, False)  # type: ignore[arg-type]
+        _, cfpd, pdir, pdts, rid_pasid, pre, paside, dte, rid_priv = ctx  # type: ignore[misc]
         if ptag == NO_PASID:
             pasid = rid_pasid if io.use_rid_pasid else 0
         else:
             if not paside:
                 return _Stream(_SCALAR, sid, ptag)
             pasid = ptag
-        pe = c.pasid.get((sid, pasid))
+        pe: PasidEntry | int | None = c.pasid.get((sid, pasid))
         if pe is None:
-            pe = self._load(lambda: io._load_pasid(pdir, pdts, cfpd, pasid))
-            if type(pe) is int:
-                return _Stream(_SCALAR, sid, ptag)
-        did, pgtt, ss_levels, ssptptr, fs_levels, fsptptr, fpd, flags, ssade, ssee = pe
-        if pgtt == 2 and not ssade:
-            return _Stream(_SS, sid, ptag, ctx, pe, pasid, did, did, ss_levels, ssptptr, flags, ssee, True)
-        if pgtt == 1:
-            return _Stream(_FS, sid, ptag, ctx, pe, pasid, did, did, fs_levels, fsptptr, flags, 0, True)
+            pe = self._load(lambda: io.load_pasid(pdir, pdts, cfpd, pasid))
+        if type(pe) is int:
+            return _Stream(_SCALAR, sid, ptag)
+        did, pgtt, ss_levels, ssptptr, fs_levels, fsptptr, fpd, flags, ssade, ssee = pe  # type: ignore[misc]
+        if pgtt == PGTT_SS and not ssade:
+            return _Stream(_SS, sid, ptag, ctx, pe, pasid, did, did, ss_levels, ssptptr, flags, ssee, True)  # type: ignore[arg-type]
+        if pgtt == PGTT_FS:
+            return _Stream(_FS, sid, ptag, ctx, pe, pasid, did, did, fs_levels, fsptptr, flags, 0, True)  # type: ignore[arg-type]
         return _Stream(_SCALAR, sid, ptag)
 
     def _load(self, fn: Callable[[], Any]) -> Any:
@@ -1106,14 +1078,14 @@ class _Window:
             pe_miss = pe is None
             if not pe_miss and pe != st.pe:
                 return None
-        hitr = io._probe_iotlb(st.tag, st.pasid, iova, req)
+        hitr = io.probe_iotlb(st.tag, st.pasid, iova, req)
         if hitr == DROPPED:
             return None
         st_ = c.stats
         if hitr is not None:
             e, out = hitr  # type: ignore[misc]
             self._commit_structs(st, sid, ctx_miss, pe_miss)
-            if e[E_ALIVE] and e[E_ALLOWED] and io.front_ok:
+            if e.alive and e.allowed and io.front_ok:
                 c.put_front(fkey, out & ~0xFFF, e)
             self.eng.stats.tier_a += 1
             return self._settle(r, fkey, req, out)
@@ -1181,8 +1153,8 @@ class _Window:
             for lv in range(start, leaf - 1, -1):
                 ea = ea_[lv]
                 touched.append((ea, ov.get(ea, e_[lv])))
-            a_bit = 0x20 | (0x400 if flags & F_EAFE else 0)
-            d_bit = 0x40 if req & WRITE else 0
+            a_bit = FS_A | (FS_EA if flags & F_EAFE else 0)
+            d_bit = FS_D if req & WRITE else 0
             e_leaf = touched[-1][1]
             # commit
             self._commit_structs(st, sid, ctx_miss, pe_miss)
@@ -1196,25 +1168,25 @@ class _Window:
                     psc[((tag << 3 | lv) << 56) | ((iova >> (3 + 9 * lv)) & ((1 << (54 - 9 * lv)) - 1))] = (
                         e_[lv] & ADDR_MASK, c1_[lv], c2_[lv], c3_[lv])  # type: ignore[index]
             last = len(touched) - 1
-            if not _set_ad(io.mem.write_u64, touched, a_bit, d_bit):
+            if not set_ad(io.mem.write_u64, touched, a_bit, d_bit):
                 raise InternalError("batch: A/D update of a readable table entry failed")
             for j, (ea, e) in enumerate(touched):
                 want = e | a_bit | (d_bit if j == last else 0)
                 if want != e:
                     ov[ea] = want
-            allowed = fs_allowed(rw, us, xd, bool(e_leaf & 0x40 or d_bit), flags)
+            allowed = fs_allowed(rw, us, xd, bool(e_leaf & FS_D or d_bit), flags)
             kind = KIND_FS
-        res = io._fill(st.tag, st.pasid, st.did, kind, iova, base, shift, allowed, 0, st.sm, True)
+        res = io.fill(st.tag, st.pasid, st.did, kind, iova, base, shift, allowed, 0, st.sm, True)
         if type(res) is int:
-            raise InternalError("batch: _fill refused a leaf the batch checked")
+            raise InternalError("batch: fill refused a leaf the batch checked")
         e, out = res  # type: ignore[misc]
         self.eng.stats.tier_a += 1
-        if e[E_ALIVE] and e[E_ALLOWED] and io.front_ok and (e[E_ALLOWED] >> req) & 1:
+        if e.alive and e.allowed and io.front_ok and (e.allowed >> req) & 1:
             c.put_front(fkey, out & ~0xFFF, e)
             # The memo now holds this live entry, which allows the request: the key is stable.
             self._settle_stable(r, fkey, e, out & ~0xFFF)
             return out
-        if e[E_ALIVE] and e[E_ALLOWED] and io.front_ok:
+        if e.alive and e.allowed and io.front_ok:
             c.put_front(fkey, out & ~0xFFF, e)
         return self._settle(r, fkey, req, out)
 
@@ -1237,7 +1209,7 @@ class _Window:
         """After tier A: the key is stable if the memo now answers it (it always does when the unit has a
         front memo; anything else is handled like an unstable scalar result)."""
         hit = self.io.caches.front.get(fkey)
-        if hit is None or not hit[1][3] or not (hit[1][2] >> req) & 1:
+        if hit is None or not hit[1].alive or not (hit[1].allowed >> req) & 1:
             self.unstable[r] = True
             self.cut = min(self.cut, int(self.k.second()[r]))
             return out
