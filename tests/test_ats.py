@@ -168,3 +168,33 @@ def test_ats_disabled_or_translation_off() -> None:
     quiet = rig.io.attach_device(0x0030, ats=False)
     with pytest.raises(ValueError):
         quiet.translation_request(IOVA)
+
+
+def test_ats_translate_passes_execute_through() -> None:
+    from chip_helpers import PGTT_FS, U
+    from vtd_emu.spec.consts import FR
+
+    rig = Rig()
+    sm = rig.scalable()
+    pt = sm.device(A, dte=True)
+    fs = sm.fs_table()
+    fs.map(IOVA, P1, PAGE_4K, W | U)
+    pt.set_entry(1, pgtt=PGTT_FS, did=3, fsptptr=fs.root, ere=False)
+    pt.set_entry(2, pgtt=PGTT_FS, did=4, fsptptr=fs.root, ere=True)
+    sm.enable()
+    assert rig.io.ats_translate(A, IOVA, pasid=1).read
+    denied = rig.io.ats_translate(A, IOVA, pasid=1, exe=True)     # execute without PASID-entry ERE
+    assert denied.status == "success" and not denied and denied.reason == FR.SM_ERE_CLEAR
+    granted = rig.io.ats_translate(A, IOVA, pasid=2, exe=True)
+    assert granted and (granted.addr, granted.read) == (P1, True)
+    assert rig.io.fault_records() == []
+
+
+def test_translated_dma_past_the_top_of_the_address_space_is_the_architectural_result() -> None:
+    rig, _ = legacy()
+    dev = rig.io.attach_device(A)
+    top = (1 << 64) - 0x800
+    got = dev.translated_dma_read(top, 0x1000)
+    assert got.data == bytes(0x1000) and not got.ok
+    assert got.faults == rig.io.dma_read(A, top, 0x1000).faults          # what the unit's own DMA reports
+    assert dev.translated_dma_write(top, b"x" * 0x1000).faults == got.faults

@@ -29,17 +29,63 @@ def _tlb() -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
+def _first_stage_unit(cr3: int) -> tuple[HostRAM, VtdIommu]:
+    """A unit whose PASID 1 of device 00:02.0 translates through the guest's CPU page tables (PGTT=FS,
+    FSPTPTR = CR3): the DMA walker then walks exactly the tables QEMU's ``info tlb`` walked."""
+    from vtd_emu.builders import PGTT_FS, PageAllocator, PasidTables, ScalableRootTable, enable_translation
+    from vtd_emu.ramimage import load_ram_image
+
+    ram = load_ram_image(CAP / "ram.bin.zst")
+    io = VtdIommu(ram, "modern")
+    alloc = PageAllocator(ram, base=0x4000_0000)
+    pasids = PasidTables(ram, alloc)
+    pasids.set_entry(1, pgtt=PGTT_FS, did=1, fsptptr=cr3, sre=True, ere=True, nxe=True)
+    root = ScalableRootTable(ram, alloc)
+    root.set_context(0, 0x10, pasid_dir=pasids.dir, pdts=pasids.pdts)
+    enable_translation(io, root.root, scalable=True)
+    return ram, io
+
+
 def test_first_stage_walk_reproduces_qemu_info_tlb(ram: HostRAM) -> None:
+    """The DMA walker (``translate``/``xlate``/``dma_read``) against every leaf of QEMU's own walk of the
+    guest's page tables; the dumper (``leaves``) must list the same leaves."""
+    from vtd_emu.vtd.access import PRIV, READ
+
     cpu = json.loads((CAP / "cpu.json").read_text())["cpus"][0]
     cr3 = int(cpu["CR3"], 16) & ~0xFFF
+    tlb = _tlb()
+    theirs = sorted((int(t["va"], 16), int(t["pa"], 16), t["size"]) for t in tlb)
+    assert len(theirs) == cpu["tlb_entries"]
+    # The chip's DMA path, leaf by leaf: address, page size and the permissions QEMU printed.
+    fs_ram, io = _first_stage_unit(cr3)
+    for t in tlb:
+        va, pa, size = int(t["va"], 16), int(t["pa"], 16), t["size"]
+        off = 0x358 % size
+        priv = not t["us"]
+        tr = io.translate(0x10, va + off, "r", pasid=1, priv=priv)
+        if 0xFEE0_0000 <= pa < 0xFEF0_0000:
+            assert not tr and tr.reason == 0x87, t    # the local-APIC mapping: never a DMA target
+            continue
+        assert tr and (tr.addr, tr.page_size) == (pa + off, size), (t, tr)
+        # the hot path answers the same from the front memo, and a DMA reads the bytes QEMU's walk names
+        assert io.xlate(0x10, 1, va + off, READ | (PRIV if priv else 0)) == pa + off
+        assert io.dma_read(0x10, va + off, 16, pasid=1, priv=priv).data == fs_ram.read(pa + off, 16)
+        user_w = io.translate(0x10, va + off, "w", pasid=1)
+        if t["us"] and t["rw"]:
+            assert user_w and user_w.addr == pa + off, (t, user_w)
+        else:
+            assert not user_w and user_w.reason in (0x81, 0x85), (t, user_w)   # U/S clear, or read-only
+        # execute follows XD as QEMU printed it (the PASID entry has ERE=1 and NXE=1)
+        exe = io.translate(0x10, va + off, "r", pasid=1, priv=priv, exe=True)
+        if t["nx"]:
+            assert not exe and exe.reason == 0x82, (t, exe)
+        else:
+            assert exe and exe.addr == pa + off, (t, exe)
+    # The dumper lists exactly the same leaves, with the leaf entries' own bits as QEMU printed them.
     geo = Geometry.compile("fs", frozenset(), 52, (True, True))
     lv = leaves(ram, cr3, 4, "fs", geo)
-    tlb = _tlb()
     ours = [(int(v), int(p), int(s)) for v, p, s in zip(lv.va, lv.pa, lv.size)]
-    theirs = sorted((int(t["va"], 16), int(t["pa"], 16), t["size"]) for t in tlb)
-    assert len(ours) == len(theirs) == cpu["tlb_entries"]
     assert ours == theirs
-    # the leaf entries' own bits, as QEMU printed them
     by_va = {int(t["va"], 16): t for t in tlb}
     for va, e in zip(lv.va.tolist(), lv.entry.tolist()):
         t = by_va[va]

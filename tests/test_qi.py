@@ -608,3 +608,61 @@ def test_disabling_qi_from_an_interrupt_callback_stops_the_pass() -> None:
     rig.io.on_interrupt = lambda irq: rig.gcmd(QIE, False)
     rig.submit(make_descriptor(T_WAIT, IF=1), rig.wait(3))
     assert not rig.r32(GSTS) & QIE and rig.r64(IQH) == 0 and rig.status_word() == 0
+
+
+# -- invalidation observers ------------------------------------------------------------------------------
+
+
+def test_invalidation_observer_sees_exactly_the_invalidations_performed() -> None:
+    from vtd_emu.vtd.access import NO_PASID
+    from vtd_emu.vtd.descriptors import (ContextInvalidation, DeviceTlbInvalidation, IecInvalidation,
+                                         IotlbInvalidation, PageGroupResponse, PasidCacheInvalidation,
+                                         PasidIotlbInvalidation)
+    rig = Rig()
+    sc = rig.scalable()
+    sc.device(A, dte=True, pre=True)
+    sc.enable()
+    rig.io.attach_device(A)
+    seen: list[object] = []
+    rig.io.add_invalidation_observer(seen.append)
+    # Register-based: a global context invalidation, then a page-selective IOTLB one through IVA.
+    rig.w64(0x28, 1 << 63 | 1 << 61)
+    iva, iotlb = (rig.io.regs.slots[(name, 0)].offset for name in ("IVA", "IOTLB"))
+    rig.w64(iva, 0x7654_3000 | 1 << 6 | 1)
+    rig.w64(iotlb, 1 << 63 | 3 << 60 | 5 << 32)
+    assert (rig.r64(iotlb) >> 57) & 3 == 3
+    assert seen == [ContextInvalidation(1, 0, 0, 0, 1, False),
+                    IotlbInvalidation(3, 5, 0x7654_3000, 1, True, 3, False)]
+    seen.clear()
+    rig.enable_qi(dw=True)
+    rig.submit(make_descriptor(T_CONTEXT, G=3, DID=0, SID=A, FM=1),
+               make_descriptor(T_IOTLB, G=2, DID=3),
+               make_descriptor(T_PIOTLB, G=3, DID=4, PASID=5, ADDR=0x7000, AM=0, IH=1),
+               make_descriptor(T_PIOTLB, G=2, DID=4, PASID=6),
+               make_descriptor(T_PASID_CACHE, G=1, DID=4, PASID=5),
+               make_descriptor(T_DEV_TLB, SID=A, ADDR=0x5000, S=0),
+               make_descriptor(T_PASID_DEV_TLB, SID=A, PASID=5, G=0, ADDR=0x6000, S=1),
+               make_descriptor(T_PASID_DEV_TLB, SID=B, PASID=0, G=1, ADDR=0, S=0),
+               make_descriptor(T_IEC, G=1, IIDX=8, IM=2),
+               make_descriptor(T_PAGE_RESPONSE, RID=A, PP=1, PASID=5, PRGI=3, RC=0),
+               rig.wait(9))
+    assert rig.status_word() == 9 and not rig.r32(FSTS) & (IQE | ITE | ICE)
+    assert seen == [ContextInvalidation(3, 0, A, 1, 3, True),
+                    IotlbInvalidation(2, 3, 0, 0, False, 2, True),
+                    PasidIotlbInvalidation(3, 4, 5, 0x7000, 0, True),
+                    PasidIotlbInvalidation(2, 4, 6, 0, 0, False),
+                    PasidCacheInvalidation(1, 4, 5),
+                    DeviceTlbInvalidation(A, NO_PASID, 0x5000, False, True),
+                    DeviceTlbInvalidation(A, 5, 0x6000, True, True),
+                    DeviceTlbInvalidation(B, None, 0, False, True),
+                    IecInvalidation(False, 8, 2),
+                    PageGroupResponse(A, 5, 3, 0, 0, False)]
+    # An observer that was removed hears nothing more.
+    seen.clear()
+    rig.io.remove_invalidation_observer(seen.append)
+    rig.submit(make_descriptor(T_IOTLB, G=1), rig.wait(10))
+    assert rig.status_word() == 10 and seen == []
+    # A descriptor the queue refuses (IOTLB G=0) was not performed: the observer is not told.
+    rig.io.add_invalidation_observer(seen.append)
+    rig.submit(make_descriptor(T_IOTLB, G=0, DID=3))
+    assert rig.r32(FSTS) & IQE and seen == []

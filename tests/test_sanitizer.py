@@ -54,3 +54,29 @@ def test_sanitizer_leaves_memory_and_caches_as_the_plain_unit_does() -> None:
     assert ram1.read(0, 0x200000) == ram2.read(0, 0x200000)     # A/D bits set identically
     assert plain.caches.sizes() == san.caches.sizes()
     assert san.stale_hits == []
+
+
+def test_stale_pass_through_bypass_is_reported() -> None:
+    # QEMU's pass-through fast path caches "this device bypasses" until a context invalidation; a guest
+    # that turns the context into a translated one without invalidating gets the stale bypass, and the
+    # sanitizer's uncached walk (which must not trust that bypass) says what memory says now.
+    from vtd_emu.builders import R, LegacyRootTable, SecondStageTable
+    from vtd_emu.vtd.config import VtdConfig
+
+    ram = HostRAM()
+    io = VtdIommu(ram, VtdConfig.preset("modern", profile="qemu-7.2"), sanitize=True)
+    alloc = PageAllocator(ram, base=0x100000)
+    ss = SecondStageTable(ram, alloc, levels=4)
+    ss.map(0x400000, 0x900000, 0x1000, R | W)
+    rt = LegacyRootTable(ram, alloc)
+    rt.set_context(0, 0x20, tt=2, aw=ss.aw, did=3)
+    enable_translation(io, rt.root)
+    assert io.translate(0x20, 0x400010, "r").addr == 0x400010      # pass-through: identity
+    assert io.stale_hits == [] and 0x20 in io.pt_bypass
+    rt.set_context(0, 0x20, slptptr=ss.root, aw=ss.aw, did=3)      # translated now, no invalidation
+    assert io.translate(0x20, 0x400010, "r").addr == 0x400010      # the stale bypass answers
+    [hit] = io.stale_hits
+    assert (hit.sid, hit.pasid, hit.iova, hit.cached, hit.fresh) == (0x20, None, 0x400010, 0x400010, 0x900010)
+    io.invalidate_context(1)                                        # the invalidation the guest forgot
+    assert io.translate(0x20, 0x400010, "r").addr == 0x900010
+    assert len(io.stale_hits) == 1
