@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..spec.consts import CCMD, GCMD, GSTS, IOTLB, IVA, RTADDR
+from ..spec.consts import CCMD, GCMD, GSTS, ICS, IOTLB, IVA, RTADDR
 from .caches import sid_matches
 from .descriptors import ContextInvalidation, Invalidation, IotlbInvalidation
 from .state import ChipState
@@ -29,6 +29,7 @@ _IIRG_LO, _IIRG_MAX, _IO_DID_LO, _IO_DID_MAX = IOTLB.IIRG_LO, IOTLB.IIRG_MAX, IO
 _IVA_ADDR, _IVA_AM, _IVA_IH = IVA.ADDR, IVA.AM, IVA.IH
 _TTM_LO, _TTM_MAX = RTADDR.TTM_LO, RTADDR.TTM_MAX
 _TTM_SCALABLE = 1
+_IWC = ICS.IWC
 
 
 class RegisterControl(ChipState):
@@ -116,7 +117,7 @@ class RegisterControl(ChipState):
             self.intremap.table_latched()
 
     def _ics_written(self, index: int, old: int, new: int, value: int, wmask: int) -> None:
-        if not new & 1:
+        if not new & _IWC:
             self.inv_event.clear_pending()
 
     # -- register-based invalidation -------------------------------------------------------------

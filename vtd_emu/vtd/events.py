@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+from ..spec.consts import FECTL
 from .regs import RegisterFile
 
-IM = 1 << 31
-IP = 1 << 30
+IM, IP = FECTL.IM, FECTL.IP  # the same in IECTL and PECTL
 
 
 class Interrupt(NamedTuple):

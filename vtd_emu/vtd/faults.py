@@ -129,7 +129,7 @@ class FaultUnit:
         if self.collapse:
             for i in range(self.nfr):
                 hi = regs.get("FRCD", i) >> 64
-                if hi >> 63 and (hi & 0xFFFF) == sid:
+                if hi >> _F_LO and (hi >> _SID_LO) & _SID_MAX == sid:
                     self.dropped += 1
                     return False
         idx = self.next_index

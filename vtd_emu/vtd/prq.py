@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..spec import specs
-from ..spec.consts import FR, PRSTS
+from ..spec.consts import FR, PQA, PQH, PQT, PRSTS
 from .access import NO_PASID
 from .descriptors import PageGroupResponse
 from .entries import CTX_SM, FPD_SHIFT, PGTT_FS, PGTT_NESTED, REASON_MASK
@@ -28,7 +28,8 @@ PPR, PRO = PRSTS.PPR, PRSTS.PRO
 _SM_RTA_INV, _SM_RTA_LEGACY_PRQ = FR.SM_RTA_INV, FR.SM_RTA_LEGACY_PRQ
 _SM_PRE_CLEAR, _SM_PASIDE_CLEAR = FR.SM_PRE_CLEAR, FR.SM_PASIDE_CLEAR
 _DESC_BYTES = 32
-_OFFSET_MASK = 0x7FFE0    # PQH/PQT bits 18:5
+_OFFSET_MASK = PQT.PQT
+assert PQH.PQH == _OFFSET_MASK
 
 # Page group response codes (PCIe PRG Response)
 RC_SUCCESS, RC_INVALID_REQUEST, RC_FAILURE = 0x0, 0x1, 0xF
@@ -120,7 +121,7 @@ class PageRequestUnit:
                 self._auto(sid, pasid, prgi, RC_SUCCESS, private_data)
             return PageRequestStatus.DROPPED
         pqa = regs.get("PQA")
-        entries = 1 << ((pqa & 7) + 7)
+        entries = 1 << ((pqa & PQA.PQS) + 7)
         tail = (regs.get("PQT") & _OFFSET_MASK) // _DESC_BYTES % entries
         head = (regs.get("PQH") & _OFFSET_MASK) // _DESC_BYTES % entries
         nxt = (tail + 1) % entries
@@ -140,7 +141,7 @@ class PageRequestUnit:
             TYPE=1, PP=int(pasid is not None), PDP=int(private_data is not None), RID=sid,
             PASID=pasid or 0, ER=int(exe), PM=int(priv), RD=int(read), WR=int(write), LPIG=int(last),
             PRGI=prgi, ADDR=addr >> 12, PRIVATE_DATA=private_data or 0)
-        base = pqa & ~0xFFF & ((1 << chip.cfg.haw) - 1)
+        base = pqa & PQA.PQA & ((1 << chip.cfg.haw) - 1)
         chip.mem.write(base + tail * _DESC_BYTES, desc.to_bytes(_DESC_BYTES, "little"))
         regs.set("PQT", nxt * _DESC_BYTES)
         self.queued += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from ..spec import Field, specs
-from ..spec.consts import GSTS, ICS, IQA
+from ..spec.consts import GSTS, ICS, IQA, IQERCD, IQH, IQT
 from .access import NO_PASID
 from .config import VtdConfig
 from .descriptors import DeviceTlbInvalidation, IecInvalidation, PasidCacheInvalidation, PasidIotlbInvalidation
@@ -40,8 +40,10 @@ _PASID_TYPES = frozenset({T_PIOTLB, T_PASID_CACHE, T_PASID_DEV_TLB})
 _BLOCKING = IQE | ITE
 _IWC = ICS.IWC
 _QIES = GSTS.QIES
-_QT_MASK = 0x7FFF0          # IQH/IQT bits 18:4
+_QT_MASK = IQT.QT
+assert IQH.QH == _QT_MASK
 _DW_BIT = IQA.DW
+_QS = IQA.QS
 LAYOUTS = {T_CONTEXT: "inv_context_cache", T_IOTLB: "inv_iotlb", T_DEV_TLB: "inv_dev_tlb", T_IEC: "inv_iec",
            T_WAIT: "inv_wait", T_PIOTLB: "inv_pasid_iotlb", T_PASID_CACHE: "inv_pasid_cache",
            T_PASID_DEV_TLB: "inv_pasid_dev_tlb", T_PAGE_RESPONSE: "inv_page_group_response"}
@@ -158,7 +160,7 @@ class InvalidationQueue:
             # QEMU decodes DW at every IQA write (ignoring it without scalable mode) and shows the base it
             # latched at QIE=1 with the live QS; DW never reads back.
             self.dw = bool(self.iqa & _DW_BIT) and self.scalable
-            self.regs.set("IQA", self.base | (self.iqa & 7))
+            self.regs.set("IQA", self.base | (self.iqa & _QS))
 
     def _iqt_written(self, index: int, old: int, new: int, value: int, wmask: int) -> None:
         if self.qemu_regs:
@@ -182,12 +184,12 @@ class InvalidationQueue:
             self.base = v & self.haw_mask
             if self.qemu_regs:
                 self.dw_refused = False   # QEMU already decided DW at the IQA write
-                regs.set("IQA", self.base | (v & 7))
+                regs.set("IQA", self.base | (v & _QS))
             else:
                 dw = bool(v & _DW_BIT)
                 self.dw_refused = dw and not self.scalable
                 self.dw = dw and not self.dw_refused
-            self.entries = 1 << ((v & 7) + 8 - (1 if self.dw else 0))
+            self.entries = 1 << ((v & _QS) + 8 - (1 if self.dw else 0))
             self.enabled = True
             regs.set("GSTS", gsts | qies)
             # A tail already past the head (Windows enables QI that way) is processed at once.
@@ -296,19 +298,19 @@ class InvalidationQueue:
     # -- errors --------------------------------------------------------------------------------
     def _iqe(self, code: int) -> None:
         regs = self.regs
-        regs.set("IQERCD", (regs.get("IQERCD") & ~0xF) | code)
+        regs.set("IQERCD", (regs.get("IQERCD") & ~IQERCD.IQEI) | code << IQERCD.IQEI_LO)
         self.chip.faults.set_status(IQE)
 
     def _timeout(self) -> None:
         sid = self.pending_timeout if self.pending_timeout is not None else 0
         self.pending_timeout = None
         regs = self.regs
-        regs.set("IQERCD", (regs.get("IQERCD") & ~(0xFFFF << 32)) | sid << 32)
+        regs.set("IQERCD", (regs.get("IQERCD") & ~IQERCD.ITESID) | sid << IQERCD.ITESID_LO)
         self.chip.faults.set_status(ITE)
 
     def _completion_error(self, sid: int) -> None:
         regs = self.regs
-        regs.set("IQERCD", (regs.get("IQERCD") & ~(0xFFFF << 48)) | sid << 48)
+        regs.set("IQERCD", (regs.get("IQERCD") & ~IQERCD.ICESID) | sid << IQERCD.ICESID_LO)
         self.chip.faults.set_status(ICE)
 
     # -- descriptors ---------------------------------------------------------------------------
