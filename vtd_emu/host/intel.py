@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..builders import PGTT_NESTED, PGTT_SS, PasidTables, ScalableRootTable, SecondStageTable
+from ..tables import PGTT_NESTED, PGTT_SS, PasidTables, ScalableRootTable, SecondStageTable
 from ..errors import ConfigError, InternalError
 from ..spec import specs
 from ..vtd.events import Interrupt
