@@ -36,7 +36,8 @@ class Host:
         self._draining = False
         self.intel = IntelIommu(self.iommu, self.driver_pool)
         self.devices: dict[int, VfioDevice] = {}
-        self._group_owner: dict[int, IommuFd] = {}
+        self.group_owner: dict[int, IommuFd] = {}
+        """IOMMU group -> the iommufd its devices are bound through (one owner per group)."""
         self._next_group = 1 << 20
 
     # -- VMM memory -------------------------------------------------------------------------------
