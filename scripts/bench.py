@@ -46,7 +46,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from vtd_emu.builders import (  # noqa: E402
+from vtd_emu.tables import (  # noqa: E402
     PGTT_FS,
     PGTT_NESTED,
     PGTT_SS,
@@ -54,7 +54,6 @@ from vtd_emu.builders import (  # noqa: E402
     U,
     W,
     FirstStageTable,
-    GuestPhysView,
     LegacyRootTable,
     PageAllocator,
     PasidTables,
@@ -62,7 +61,7 @@ from vtd_emu.builders import (  # noqa: E402
     SecondStageTable,
     enable_translation,
 )
-from vtd_emu.memory import HostRAM  # noqa: E402
+from vtd_emu.memory import GuestPhysView, HostRAM  # noqa: E402
 from vtd_emu.vtd.access import NO_PASID, READ  # noqa: E402
 from vtd_emu.vtd.config import VtdConfig  # noqa: E402
 from vtd_emu.vtd.iommu import VtdIommu  # noqa: E402
@@ -863,7 +862,7 @@ def render(rows: list[Row], p: Params, quick: bool, info: dict[str, object], dat
     w("")
     w("## Method")
     w("")
-    w(f"- Tables: built with `vtd_emu.builders` in a `HostRAM`: {p.pages:,} mapped 4 KiB pages per table, in "
+    w(f"- Tables: built with `vtd_emu.tables` in a `HostRAM`: {p.pages:,} mapped 4 KiB pages per table, in "
       f"1 MiB regions of {REGION_PAGES} pages at random 2 MiB-aligned addresses over the whole 48-bit "
       "(second stage) or lower-half 47-bit (first stage) space, so upper levels are spread too "
       f"(pages of structures allocated per scenario: {', '.join(f'{k} {v:,}' for k, v in table_pages.items())}). "

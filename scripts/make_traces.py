@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vtd_emu.builders import (  # noqa: E402
+from vtd_emu.tables import (  # noqa: E402
     NX,
     PAGE_2M,
     PGTT_FS,
@@ -36,7 +36,6 @@ from vtd_emu.builders import (  # noqa: E402
     U,
     W,
     FirstStageTable,
-    GuestPhysView,
     LegacyRootTable,
     PageAllocator,
     PasidTables,
@@ -44,6 +43,7 @@ from vtd_emu.builders import (  # noqa: E402
     SecondStageTable,
     enable_translation,
 )
+from vtd_emu.memory import GuestPhysView  # noqa: E402
 from vtd_emu.trace.model import Trace, TraceConfig, blockify, save_trace  # noqa: E402
 from vtd_emu.trace.recorder import Recorder  # noqa: E402
 from vtd_emu.vtd.qi import (  # noqa: E402

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from vtd_emu.builders import (PAGE_4K, PGTT_FS, PGTT_SS, FirstStageTable, LegacyRootTable, PageAllocator,
-                              PasidTables, R, ScalableRootTable, SecondStageTable, U, W, enable_translation)
+from vtd_emu.tables import (PAGE_4K, PGTT_FS, PGTT_SS, FirstStageTable, LegacyRootTable, PageAllocator,
+                            PasidTables, R, ScalableRootTable, SecondStageTable, U, W, enable_translation)
 from vtd_emu.memory import HostRAM
 from vtd_emu.vtd.config import VtdConfig
 from vtd_emu.vtd.iommu import VtdIommu

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from chip_helpers import FSTS, PAGE_4K, PGTT_SS, R, W, Rig
-from vtd_emu.builders import PAGE_2M
+from vtd_emu.tables import PAGE_2M
 from vtd_emu.vtd.ats import ats_range
 from vtd_emu.vtd.qi import T_DEV_TLB, T_IOTLB, T_PASID_DEV_TLB, make_descriptor
 

@@ -12,10 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vtd_emu.builders import (PAGE_2M, PGTT_FS, PGTT_NESTED, PGTT_SS, R, U, W, X, FirstStageTable, GuestPhysView,
-                              LegacyRootTable, PageAllocator, PasidTables, ScalableRootTable, SecondStageTable,
-                              enable_translation)
-from vtd_emu.memory import HostRAM
+from vtd_emu.tables import (PAGE_2M, PGTT_FS, PGTT_NESTED, PGTT_SS, R, U, W, X, FirstStageTable, LegacyRootTable,
+                            PageAllocator, PasidTables, ScalableRootTable, SecondStageTable, enable_translation)
+from vtd_emu.memory import GuestPhysView, HostRAM
 from vtd_emu.vtd.batch import SKIPPED, BatchEngine, PageIndex, expand_chunks, run_block
 from vtd_emu.trace.replay import memory_hash
 from vtd_emu.vtd.access import NO_PASID, READ, WRITE

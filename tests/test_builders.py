@@ -1,4 +1,4 @@
-"""Tests of vtd_emu.builders against an independent page-table walker written here with plain bit
+"""Tests of vtd_emu.tables (and the guest-physical view of vtd_emu.memory) against an independent page-table walker written here with plain bit
 arithmetic (it deliberately shares nothing with the builders or the chip)."""
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vtd_emu.builders import (
+from vtd_emu.tables import (
     NX,
     PGTT_NESTED,
     PGTT_SS,
     AllocatorExhausted,
     FirstStageTable,
-    GuestPhysView,
     LegacyRootTable,
     Mapping,
     PageAllocator,
@@ -28,8 +27,10 @@ from vtd_emu.builders import (
     X,
     enable_translation,
 )
-from vtd_emu.memory import HostRAM
+from vtd_emu.memory import NO_MEMORY, GuestPhysView, HostRAM
 from vtd_emu.spec import specs
+from vtd_emu.spec.consts import FR
+from vtd_emu.vtd.iommu import Fault, Translation, VtdIommu
 
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 ADDR_51_12 = 0x000F_FFFF_FFFF_F000
@@ -504,8 +505,10 @@ def test_guest_phys_view_places_fs_tables_where_ss_maps_them() -> None:
     nonzero = sum(1 for h in hosts[:used] for i in range(512) if ram.read_u64(h + 8 * i))
     assert nonzero == 2 + 2 + 2 + 2
     assert all(ram.read_u64(h) == U64 for h in hosts[used:])  # untouched pages stay dirty
+    assert gview.read_u64(0x7000_0000) == NO_MEMORY  # unmapped GPA: not memory, like HostRAM past its end
     with pytest.raises(ValueError):
-        gview.read_u64(0x7000_0000)  # unmapped GPA: a setup error
+        # ... but a builder told to put a table there is a setup error.
+        FirstStageTable(gview, PageAllocator(gview, base=0x7000_0000))
     with pytest.raises(AllocatorExhausted):
         fs.map(0x100_0000_0000, 0, K4)  # a new PML4 slot needs 3 tables; 2 guest pages are left
 
@@ -522,6 +525,60 @@ def test_guest_phys_view_unaligned_access_crosses_pages() -> None:
     assert gview.read_u64(0x1FFC) == 0x1122_3344_5566_7788
     assert gview.read(0x1FFE, 4) == ram.read(0x90_0FFE, 2) + ram.read(0x50_0000, 2)
     assert gview.is_ram(0x1000) and not gview.is_ram(0x3000)
+
+
+def test_guest_phys_view_reads_unmapped_gpas_as_non_memory() -> None:
+    ram = HostRAM()
+    ss = SecondStageTable(ram, PageAllocator(ram), levels=3)
+    ss.map(0x1000, 0x90_0000, K4)
+    ram.write(0x90_0000, b"\x11" * K4)
+    gview = GuestPhysView(ram, ss)
+    assert gview.hpa(0x1234) == 0x90_0234 and gview.hpa(0x2000) is None
+    assert gview.read_u64(0x2000) == NO_MEMORY == ram.read_u64(1 << 64)
+    # A u64 straddling a mapped and an unmapped page is unreadable as a whole, as HostRAM's last u64 is.
+    assert gview.read_u64(0x1FFC) == NO_MEMORY
+    # Bytes: the unmapped part reads as zeros, as HostRAM reads bytes that are not memory.
+    assert gview.read(0x1FFE, 4) == b"\x11\x11\x00\x00"
+    assert gview.read(0x5000, 3) == bytes(3)
+    # Writes: dropped where nothing is mapped; only the bytes that landed are counted.
+    assert gview.write_u64(0x2000, 5) is False
+    assert gview.write_u64(0x1FFC, 5) is False and ram.read(0x90_0FFC, 4) == b"\x11" * 4
+    assert gview.write(0x1FFE, b"abcd") == 2 and ram.read(0x90_0FFE, 2) == b"ab"
+    assert gview.write(0x7000, b"zz") == 0
+    assert ram.pages_used == len(set(ram.pages()))  # nothing was written anywhere else
+    assert not gview.is_ram(0x2000)
+
+
+def test_guest_phys_view_backs_a_viommu() -> None:
+    """A VT-d unit over guest memory (a vIOMMU) meets an unmapped GPA as the architectural read error."""
+    ram = HostRAM()
+    host_alloc = PageAllocator(ram, base=0x100_0000)
+    gpa_map = SecondStageTable(ram, host_alloc, levels=4)  # the VMM's GPA -> HPA mapping of guest RAM
+    gpa_map.map(0, 0x4000_0000, 2 * M2, R | W, page_size=M2)  # guest RAM: GPA [0, 4 MiB)
+    guest = GuestPhysView(ram, gpa_map)
+    galloc = PageAllocator(guest, base=0x10_0000, limit=0x20_0000)
+    gss = SecondStageTable(guest, galloc, levels=3)  # the guest's own IOMMU page table, in guest RAM
+    gss.map(0x8000, 0x30_0000, K4, R | W)
+    gss.map(0x9000, 0x80_0000, K4, R | W)  # a GPA outside guest RAM
+    root = LegacyRootTable(guest, galloc)
+    root.set_context(0, 0x08, slptptr=gss.root, aw=gss.aw, did=1)
+    # Bus 1's root entry points at a context table beyond guest RAM: the guest's own mistake.
+    guest.write_u64(root.root_entry_addr(1), 0x90_0000 | 1)
+    viommu = VtdIommu(guest, "qemu-7.2-aw48")
+    enable_translation(viommu, root.root)
+
+    guest.write(0x30_0010, b"guest data")
+    tr = viommu.translate(0x0008, 0x8010)
+    assert isinstance(tr, Translation) and (tr.addr, tr.page_size) == (0x30_0010, K4)
+    assert viommu.dma_read(0x0008, 0x8010, 10).data == b"guest data"
+    assert ram.read(0x4030_0010, 10) == b"guest data"  # where the GPA really lives
+    # The leaf maps a GPA nothing backs: the DMA reads zeros and its write goes nowhere, no exception.
+    out = viommu.dma_write(0x0008, 0x9000, b"lost")
+    assert out.faults == () and guest.read(0x9000, 4) == bytes(4)
+    assert viommu.dma_read(0x0008, 0x9000, 4).data == bytes(4)
+    # Reading the context entry from an unmapped GPA is a context-table read error, recorded.
+    f = viommu.translate(0x0100, 0x1000)
+    assert isinstance(f, Fault) and f.reason == FR.CONTEXT_TABLE_INV and f.recorded
 
 
 # -- allocator ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vtd_emu.builders import (
+from vtd_emu.tables import (
     PAGE_1G,
     PAGE_2M,
     PGTT_FS,

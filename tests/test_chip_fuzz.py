@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from vtd_emu.builders import PGTT_SS, LegacyRootTable, PageAllocator, PasidTables, ScalableRootTable, SecondStageTable
+from vtd_emu.tables import PGTT_SS, LegacyRootTable, PageAllocator, PasidTables, ScalableRootTable, SecondStageTable
 from vtd_emu.memory import HostRAM
 from vtd_emu.spec import specs
 from vtd_emu.vtd.config import VtdConfig

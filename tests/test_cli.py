@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vtd_emu.builders import R, W, LegacyRootTable, PageAllocator, SecondStageTable
+from vtd_emu.tables import R, W, LegacyRootTable, PageAllocator, SecondStageTable
 from vtd_emu.cli import main
 from vtd_emu.memory import HostRAM
 
@@ -110,8 +110,9 @@ def test_replay_sanitize_names_each_stale_translation(capsys: pytest.CaptureFixt
 
 def test_dump_of_a_nested_pasid_composes_both_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every row of the nested dump is what the unit itself translates that address to."""
-    from vtd_emu.builders import (PAGE_2M, PGTT_NESTED, U, FirstStageTable, GuestPhysView, PasidTables,
-                                  ScalableRootTable)
+    from vtd_emu.tables import (PAGE_2M, PGTT_NESTED, U, FirstStageTable, PasidTables,
+                                ScalableRootTable)
+    from vtd_emu.memory import GuestPhysView
     from vtd_emu.vtd.iommu import VtdIommu
 
     ram = HostRAM()
@@ -139,7 +140,7 @@ def test_dump_of_a_nested_pasid_composes_both_stages(tmp_path: Path, capsys: pyt
         ("0x7f0010000000", "0x1500000", 0x1000, "r--u"),
         ("0x7f0010001000", "0x1501000", 0x1000, "r--u"),
     ]
-    from vtd_emu.builders import enable_translation
+    from vtd_emu.tables import enable_translation
     io = VtdIommu(ram, "modern")
     enable_translation(io, root.root, scalable=True)
     for r in rows:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pytest
 
-from vtd_emu.builders import (
+from vtd_emu.tables import (
     NX,
     PAGE_1G,
     PAGE_2M,
@@ -28,7 +28,6 @@ from vtd_emu.builders import (
     PGTT_PT,
     PGTT_SS,
     FirstStageTable,
-    GuestPhysView,
     LegacyRootTable,
     PageAllocator,
     PasidTables,
@@ -40,7 +39,7 @@ from vtd_emu.builders import (
     X,
     enable_translation,
 )
-from vtd_emu.memory import HostRAM
+from vtd_emu.memory import GuestPhysView, HostRAM
 from vtd_emu.spec import specs
 from vtd_emu.vtd.config import VtdConfig
 from vtd_emu.vtd.iommu import Fault, Translation, VtdIommu

@@ -6,7 +6,7 @@ a page fault travels to the fault file, the VMM answers it, and the DMA resumes.
 
 from __future__ import annotations
 
-from vtd_emu.builders import PAGE_2M, FirstStageTable, PageAllocator, U, W
+from vtd_emu.tables import PAGE_2M, FirstStageTable, PageAllocator, U, W
 from vtd_emu.host import (HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, PAGE_RESP_SUCCESS, Host, HwptVtdS1, PageFault,
                           VtdS1Invalidate, page_response)
 

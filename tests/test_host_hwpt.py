@@ -67,7 +67,7 @@ def test_alloc_hwpt_nested() -> None:
     expect_errno(errno.EINVAL, ictx.hwpt_alloc, dev_id, not_parent, 0, data)
     expect_errno(errno.E2BIG, ictx.hwpt_alloc, dev_id, parent, 0, data.pack() + b"\x01")
     expect_errno(errno.EOPNOTSUPP, ictx.hwpt_alloc, dev_id, ioas, 0, data)  # Intel paging domains take no data
-    auto = ictx._attached(dev.idev, 0)
+    auto = ictx.device_attached_hwpt(dev.idev, 0)
     assert auto is not None
     expect_errno(errno.EINVAL, ictx.hwpt_alloc, dev_id, auto.id, 0, data)  # an automatic domain is no parent
     # 3. two nested HWPTs on one parent, and one with a fault queue
@@ -182,6 +182,63 @@ def test_hwpt_alloc_header_checks_in_order() -> None:
     raw = bytearray(struct.pack("<IIIIIIIIQII", 48, 0, dev_id, parent, 0, 0, 1, 24, 0x55_0000, 0, 0))
     expect_errno(errno.EFAULT, ictx.ioctl, IOCTL["HWPT_ALLOC"], raw)
     dev.unbind()
+    finish(host, ictx)
+
+
+@pytest.mark.parametrize("field, value", [("flags", -1), ("flags", 1 << 64), ("pgtbl_addr", -PAGE),
+                                          ("pgtbl_addr", 1 << 64), ("addr_width", 1 << 32), ("addr_width", -48),
+                                          ("reserved", 1 << 32), ("addr_width", "48")])
+def test_vtd_s1_fields_outside_their_c_type_are_value_errors(field: str, value: object) -> None:
+    """A value no ``iommu_hwpt_vtd_s1`` can hold is the caller's mistake: ValueError naming the field,
+    before anything reaches the context (never construct's FormatFieldError out of hwpt_alloc)."""
+    host = Host()
+    ictx = host.open_iommufd()
+    ioas = ictx.ioas_alloc()
+    dev_id = host.add_device(0x10).bind_iommufd(ictx)
+    parent = ictx.hwpt_alloc(dev_id, ioas, HWPT_ALLOC_NEST_PARENT)
+    before = ictx.objects()
+    with pytest.raises(ValueError, match=f"HwptVtdS1.{field} must be a"):
+        ictx.hwpt_alloc(dev_id, parent, 0, HwptVtdS1(**{field: value}))
+    assert ictx.objects() == before
+    finish(host, ictx)
+
+
+@pytest.mark.parametrize("field, value", [("addr", -PAGE), ("addr", 1 << 64), ("npages", -1),
+                                          ("npages", 1 << 64), ("flags", 1 << 32), ("reserved", -1)])
+def test_vtd_s1_invalidate_fields_outside_their_c_type_are_value_errors(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"VtdS1Invalidate.{field} must be a"):
+        VtdS1Invalidate(**{field: value})
+
+
+def test_vtd_s1_bytes_the_kernel_sees_get_the_kernels_errno() -> None:
+    """The same wrong values as bytes (the largest each field can hold) reach the driver's checks:
+    allocation takes anything (iommufd.md §6.1), attach refuses the width, invalidation the flags."""
+    host = Host()
+    ictx = host.open_iommufd()
+    ioas = ictx.ioas_alloc()
+    dev = host.add_device(0x10, pasid_bits=8)
+    dev_id = dev.bind_iommufd(ictx)
+    parent = ictx.hwpt_alloc(dev_id, ioas, HWPT_ALLOC_NEST_PARENT)
+    dev.attach_pt(parent)
+    raw = struct.pack("<QQII", U64_MAX, U64_MAX, U32_MAX, 0)
+    nested = ictx.hwpt_alloc(dev_id, parent, 0, raw)
+    assert ictx._objects[nested].domain.s1 == HwptVtdS1(U64_MAX, U64_MAX, U32_MAX)
+    expect_errno(errno.EINVAL, dev.attach_pt, nested)           # addr_width 0xFFFFFFFF: neither 48 nor 57
+    assert dev.attached_hwpt() == parent                         # the failed replace left the old attachment
+    ok = ictx.hwpt_alloc(dev_id, parent, 0, HwptVtdS1(0, 0x1000, 48))
+    dev.attach_pt(ok)
+    e = expect_errno(errno.EOPNOTSUPP, ictx.hwpt_invalidate, ok,
+                     [struct.pack("<QQII", 0, 1, U32_MAX, 0)])     # every flag bit set
+    assert e.entry_num == 0
+    e = expect_errno(errno.EINVAL, ictx.hwpt_invalidate, ok, [struct.pack("<QQII", U64_MAX, 1, 0, 0)])
+    assert e.entry_num == 0                                      # not 4 KiB aligned
+    # And through the raw ioctl: the page response with a u32 code the fault file does not know.
+    fault_id, ffile = ictx.fault_queue_alloc()
+    with pytest.raises(ValueError, match="code must be a 32-bit"):
+        page_response(1, 1 << 32)
+    expect_errno(errno.EINVAL, ffile.write, struct.pack("<II", 1, U32_MAX))
+    dev.unbind()
+    ffile.close()
     finish(host, ictx)
 
 
@@ -383,7 +440,7 @@ def test_huge_buffer_uses_2m_leaves(md: dict) -> None:
         ictx.option(OPTION_HUGE_PAGES, OPTION_OP_SET, plain, 0)
         md["devs"][0].attach_pt(plain)
         iova = ictx.ioas_map(plain, md["buf"], md["size"])
-        dom = ictx._attached(md["devs"][0].idev, 0).domain
+        dom = ictx.device_attached_hwpt(md["devs"][0].idev, 0).domain
         assert dom.table.lookup(iova + 5 * PAGE)[1] == PAGE
 
 

@@ -9,7 +9,7 @@ import errno
 
 import pytest
 
-from vtd_emu.builders import FirstStageTable, PageAllocator, U, W
+from vtd_emu.tables import FirstStageTable, PageAllocator, U, W
 from vtd_emu.errors import ConfigError
 from vtd_emu.host import (HWPT_ALLOC_DIRTY_TRACKING, HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, VTD_INV_FLAGS_LEAF,
                           VTD_S1_EAFE, VTD_S1_SRE, VTD_S1_WPE, Host, HwptVtdS1, IommufdError, VtdS1Invalidate)

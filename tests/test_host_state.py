@@ -198,11 +198,11 @@ class IommufdMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), write=st.booleans())
     def dma(self, data, write: bool) -> None:
-        attached = [d for d in self.devs if d.idev is not None and self.ictx._attached(d.idev, 0) is not None]
+        attached = [d for d in self.devs if d.idev is not None and self.ictx.device_attached_hwpt(d.idev, 0) is not None]
         dev = data.draw(st.sampled_from(attached if attached and data.draw(st.integers(0, 9)) else self.devs))
         idev = dev.idev
         assert idev is not None
-        hwpt = self.ictx._attached(idev, 0)
+        hwpt = self.ictx.device_attached_hwpt(idev, 0)
         mapped = []
         if isinstance(hwpt, HwptPaging):
             mapped = [iova + off for iova, (n, _, _) in self.model[hwpt.ioas.id].items() for off in (0, n - 8)]
@@ -269,9 +269,9 @@ class IommufdMachine(RuleBasedStateMachine):
                     holders[o.ioas.id] += 1
             if isinstance(o, Device):
                 holders[o.id] += 1   # VFIO's binding
-        for f in self.ictx._files:
+        for f in self.ictx.files:
             holders[f.fault.id] += 1
-        for g in self.ictx._groups.values():
+        for g in self.ictx.groups.values():
             for attach in g.attach.values():
                 assert attach.hwpt is not None
                 holders[attach.hwpt.id] += len(attach.devices)

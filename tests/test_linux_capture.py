@@ -133,7 +133,7 @@ def test_chip_first_stage_translation_agrees_with_qemu() -> None:
     """The chip's own PGTT=first-stage path, with FSPTPTR = the guest's CR3, over a sample of leaves."""
     import random
 
-    from vtd_emu.builders import PGTT_FS, PageAllocator, PasidTables, ScalableRootTable, enable_translation
+    from vtd_emu.tables import PGTT_FS, PageAllocator, PasidTables, ScalableRootTable, enable_translation
     from vtd_emu.ramimage import load_ram_image
 
     ram = load_ram_image(CAP / "ram.bin.zst")

@@ -19,13 +19,12 @@ from typing import Callable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vtd_emu.builders import (
+from vtd_emu.tables import (
     NX,
     PGTT_FS,
     PGTT_NESTED,
     PGTT_SS,
     FirstStageTable,
-    GuestPhysView,
     LegacyRootTable,
     PageAllocator,
     PasidTables,
@@ -36,7 +35,7 @@ from vtd_emu.builders import (
     W,
     enable_translation,
 )
-from vtd_emu.memory import HostRAM
+from vtd_emu.memory import GuestPhysView, HostRAM
 from vtd_emu.vtd.iommu import Fault, Translation, VtdIommu
 
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from conftest import shared_dir
-from vtd_emu.builders import (PAGE_2M, PAGE_4K, PGTT_PT, PGTT_SS, LegacyRootTable, PageAllocator, PasidTables, R,
-                              ScalableRootTable, SecondStageTable, W, enable_translation)
+from vtd_emu.tables import (PAGE_2M, PAGE_4K, PGTT_PT, PGTT_SS, LegacyRootTable, PageAllocator, PasidTables, R,
+                            ScalableRootTable, SecondStageTable, W, enable_translation)
 from vtd_emu.trace.oracle import run_scenario
 from vtd_emu.trace.qemu_live import FORMAT, QemuRunner, ScenarioMMIO, ScenarioRAM, find_qemu, qemu_version
 

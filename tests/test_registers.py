@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from vtd_emu.builders import LegacyRootTable, PageAllocator, R, SecondStageTable, W, enable_translation
+from vtd_emu.tables import LegacyRootTable, PageAllocator, R, SecondStageTable, W, enable_translation
 from vtd_emu.memory import HostRAM
 from vtd_emu.spec import Register, specs
 from vtd_emu.vtd.config import VtdConfig

@@ -4,8 +4,8 @@ supports is reported — a guest that forgot an invalidation is caught at the DM
 from __future__ import annotations
 
 from vtd_emu import HostRAM, VtdIommu
-from vtd_emu.builders import (PGTT_FS, U, W, FirstStageTable, PageAllocator, PasidTables, ScalableRootTable,
-                              enable_translation)
+from vtd_emu.tables import (PGTT_FS, U, W, FirstStageTable, PageAllocator, PasidTables, ScalableRootTable,
+                            enable_translation)
 
 
 def _setup(sanitize: bool) -> tuple[VtdIommu, FirstStageTable, HostRAM]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vtd_emu.builders import (PGTT_FS, R, U, W, FirstStageTable, LegacyRootTable, PageAllocator, PasidTables,
-                              ScalableRootTable, SecondStageTable, enable_translation)
+from vtd_emu.tables import (PGTT_FS, R, U, W, FirstStageTable, LegacyRootTable, PageAllocator, PasidTables,
+                            ScalableRootTable, SecondStageTable, enable_translation)
 from vtd_emu.errors import TraceError
 from vtd_emu.trace.model import DmaBlock, Event, Trace, TraceConfig, blockify, load_trace, save_trace
 from vtd_emu.trace.recorder import Recorder
@@ -26,7 +26,7 @@ def session() -> Recorder:
     fs.map(0x4000_0000, 0x900000, 0x2000, W | U)
     rt = ScalableRootTable(rec.mem, alloc)
     pt = PasidTables(rec.mem, alloc)
-    from vtd_emu.builders import PGTT_SS
+    from vtd_emu.tables import PGTT_SS
 
     pt.set_entry(0, pgtt=PGTT_SS, did=1, ssptptr=ss.root, aw=ss.aw)
     pt.set_entry(4, pgtt=PGTT_FS, did=2, fsptptr=fs.root, fspm=fs.fspm)

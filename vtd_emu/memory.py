@@ -226,3 +226,150 @@ class HostRAM:
         tail = mv[pages * PAGE_SIZE:]
         if any(tail):
             self.write(base + pages * PAGE_SIZE, tail)
+
+
+# -- views: one address space seen through another ------------------------------------------------------
+
+
+class _Backing(Protocol):
+    """The memory under a view: :class:`Memory` without ``is_ram`` (recorders of writes may lack it)."""
+
+    def read_u64(self, addr: int) -> int: ...
+
+    def write_u64(self, addr: int, value: int) -> bool: ...
+
+    def read(self, addr: int, length: int) -> bytes: ...
+
+    def write(self, addr: int, data: bytes) -> int: ...
+
+
+class SecondStageMap(Protocol):
+    """What a guest-physical view needs of a second-stage table: where a GPA goes (``lookup`` of the
+    builders' :class:`~vtd_emu.tables.SecondStageTable` gives ``(address, page size, perms)``)."""
+
+    def lookup(self, iova: int) -> tuple[int, int, int] | None: ...
+
+
+class GuestPhysView:
+    """Guest-physical memory seen through a second-stage table: each GPA reaches the host address the
+    table maps it to.
+
+    A GPA the table does not map is not memory, exactly as an address beyond :class:`HostRAM` is:
+    ``read_u64`` returns :data:`NO_MEMORY`, ``read`` gives zeros there, writes are dropped (``write_u64``
+    returns False, ``write`` counts only the bytes stored).  So a vIOMMU walking guest tables through the
+    view meets the architectural read error, never an exception.  Build nested first-stage tables with
+    it::
+
+        gview = GuestPhysView(ram, ss)
+        fs = FirstStageTable(gview, PageAllocator(gview, base=gpa_base))   # all FS pointers are GPAs
+    """
+
+    def __init__(self, mem: _Backing, ss: SecondStageMap) -> None:
+        self.mem = mem
+        self.ss = ss
+
+    def hpa(self, gpa: int) -> int | None:
+        """The host address ``gpa`` maps to, None if the table does not map it."""
+        hit = self.ss.lookup(gpa)
+        return None if hit is None else hit[0]
+
+    def is_ram(self, gpa: int) -> bool:
+        hpa = self.hpa(gpa)
+        if hpa is None:
+            return False
+        is_ram = getattr(self.mem, "is_ram", None)
+        return True if is_ram is None else bool(is_ram(hpa))
+
+    def read_u64(self, gpa: int) -> int:
+        if (gpa & PAGE_MASK) <= PAGE_SIZE - 8:
+            hpa = self.hpa(gpa)
+            return NO_MEMORY if hpa is None else self.mem.read_u64(hpa)
+        # Straddling two pages: both must be memory for the value to be readable.
+        if self.hpa(gpa) is None or self.hpa(gpa + 8 - 1) is None:
+            return NO_MEMORY
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write_u64(self, gpa: int, value: int) -> bool:
+        if (gpa & PAGE_MASK) <= PAGE_SIZE - 8:
+            hpa = self.hpa(gpa)
+            return hpa is not None and self.mem.write_u64(hpa, value)
+        if self.hpa(gpa) is None or self.hpa(gpa + 8 - 1) is None:
+            return False
+        return self.write(gpa, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")) == 8
+
+    def read(self, gpa: int, length: int) -> bytes:
+        out = bytearray()
+        for pos, n in _page_chunks(gpa, length):
+            hpa = self.hpa(pos)
+            out += bytes(n) if hpa is None else self.mem.read(hpa, n)
+        return bytes(out)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> int:
+        mv = memoryview(data).cast("B")
+        stored = 0
+        for pos, n in _page_chunks(gpa, len(mv)):
+            # Split at 4 KiB: every page of a GPA range may live anywhere in host memory.
+            hpa = self.hpa(pos)
+            if hpa is not None:
+                stored += self.mem.write(hpa, bytes(mv[pos - gpa : pos - gpa + n]))
+        return stored
+
+
+def _page_chunks(addr: int, length: int) -> list[tuple[int, int]]:
+    out = []
+    end = addr + length
+    while addr < end:
+        n = min(PAGE_SIZE - (addr & PAGE_MASK), end - addr)
+        out.append((addr, n))
+        addr += n
+    return out
+
+
+class UserMemory(Protocol):
+    """A process's virtual memory as a VMM touches it (the host layer's ``VmmProcess``): ``read`` and
+    ``write`` by user VA, raising ``ValueError`` where nothing is mapped (writable)."""
+
+    def read(self, va: int, n: int) -> bytes: ...
+
+    def write(self, va: int, data: bytes) -> None: ...
+
+
+class UserView:
+    """A window of VMM memory addressed from 0 (how a VMM sees guest RAM it mapped at ``va``): the memory
+    protocol the builders use, so guest page tables can be written into it by guest-physical address.
+
+    Outside the window is not memory: ``read_u64`` returns :data:`NO_MEMORY` and ``write_u64`` False, as
+    :class:`HostRAM` does past its end; a ``read``/``write`` that leaves the window raises ``ValueError``
+    (the caller, not the guest, asked for bytes that are not there)."""
+
+    def __init__(self, proc: UserMemory, va: int, size: int) -> None:
+        self.proc = proc
+        self.va = va
+        self.size = size
+
+    def _check(self, addr: int, n: int) -> None:
+        if addr < 0 or addr + n > self.size:
+            raise ValueError(f"[{addr:#x}, +{n:#x}) is outside the {self.size:#x}-byte window")
+
+    def is_ram(self, addr: int) -> bool:
+        return 0 <= addr < self.size
+
+    def read(self, addr: int, length: int) -> bytes:
+        self._check(addr, length)
+        return self.proc.read(self.va + addr, length)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> int:
+        self._check(addr, len(data))
+        self.proc.write(self.va + addr, bytes(data))
+        return len(data)
+
+    def read_u64(self, addr: int) -> int:
+        if addr < 0 or addr + 8 > self.size:
+            return NO_MEMORY
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def write_u64(self, addr: int, value: int) -> bool:
+        if addr < 0 or addr + 8 > self.size:
+            return False
+        self.write(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+        return True

@@ -103,7 +103,7 @@ class VfioDevice:
         """Bind to ``ictx``; returns the device object id (``out_devid``)."""
         if self.idev is not None:
             raise fail(errno.EINVAL, "already bound")
-        self.idev = ictx._bind(self)
+        self.idev = ictx.device_bind(self)
         self.ictx = ictx
         return self.idev.id
 
@@ -112,12 +112,12 @@ class VfioDevice:
         if self.idev is None or self.ictx is None:
             return
         for pasid in sorted(self._pasids):
-            self.ictx._device_detach(self.idev, pasid)
+            self.ictx.device_detach(self.idev, pasid)
         self._pasids.clear()
         if self._rid_attached:
-            self.ictx._device_detach(self.idev, IOMMU_NO_PASID)
+            self.ictx.device_detach(self.idev, IOMMU_NO_PASID)
             self._rid_attached = False
-        self.ictx._unbind(self.idev)
+        self.ictx.device_unbind(self.idev)
         self.idev = None
         self.ictx = None
 
@@ -141,13 +141,13 @@ class VfioDevice:
         self._check_pasid(pasid)
         if pasid is None:
             if self._rid_attached:
-                return ictx._device_replace(idev, IOMMU_NO_PASID, pt_id)
-            out = ictx._device_attach(idev, IOMMU_NO_PASID, pt_id)
+                return ictx.device_replace(idev, IOMMU_NO_PASID, pt_id)
+            out = ictx.device_attach(idev, IOMMU_NO_PASID, pt_id)
             self._rid_attached = True
             return out
         if pasid in self._pasids:
-            return ictx._device_replace(idev, pasid, pt_id)
-        out = ictx._device_attach(idev, pasid, pt_id)
+            return ictx.device_replace(idev, pasid, pt_id)
+        out = ictx.device_attach(idev, pasid, pt_id)
         self._pasids.add(pasid)
         return out
 
@@ -157,18 +157,18 @@ class VfioDevice:
         self._check_pasid(pasid)
         if pasid is None:
             if self._rid_attached:
-                ictx._device_detach(idev, IOMMU_NO_PASID)
+                ictx.device_detach(idev, IOMMU_NO_PASID)
                 self._rid_attached = False
             return
         if pasid in self._pasids:
-            ictx._device_detach(idev, pasid)
+            ictx.device_detach(idev, pasid)
             self._pasids.discard(pasid)
 
     # The kernel-internal calls the selftest drives directly (no VFIO replace-on-second-attach).
     def iommufd_attach(self, pt_id: int, pasid: int | None = None) -> int:
         ictx, idev = self._bound()
         self._check_pasid(pasid)
-        out = ictx._device_attach(idev, pasid or IOMMU_NO_PASID, pt_id)
+        out = ictx.device_attach(idev, pasid or IOMMU_NO_PASID, pt_id)
         if pasid is None:
             self._rid_attached = True
         else:
@@ -178,12 +178,12 @@ class VfioDevice:
     def iommufd_replace(self, pt_id: int, pasid: int | None = None) -> int:
         ictx, idev = self._bound()
         self._check_pasid(pasid)
-        return ictx._device_replace(idev, pasid or IOMMU_NO_PASID, pt_id)
+        return ictx.device_replace(idev, pasid or IOMMU_NO_PASID, pt_id)
 
     def attached_hwpt(self, pasid: int | None = None) -> int | None:
         """The HWPT id attached to the RID or ``pasid`` (the selftest's PASID_CHECK_HWPT), or None."""
         ictx, idev = self._bound()
-        hwpt = ictx._attached(idev, pasid or IOMMU_NO_PASID)
+        hwpt = ictx.device_attached_hwpt(idev, pasid or IOMMU_NO_PASID)
         return hwpt.id if hwpt is not None else None
 
     # -- DMA ---------------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from ..memory import HostRAM
+from ..memory import HostRAM, UserView
 from ..vtd.config import VtdConfig
 from ..vtd.iommu import VtdIommu
 from .device import VfioDevice
 from .intel import DmarFault, IntelIommu
 from .iommufd import IommuFd
-from .process import MemFd, PagePool, UserView, VmmProcess
+from .process import MemFd, PagePool, VmmProcess
 
 DRIVER_POOL = (0x1_0000_0000, 0x100_0000_0000)
 """Host-physical range the driver takes its tables, queues and status words from."""
@@ -36,7 +36,8 @@ class Host:
         self._draining = False
         self.intel = IntelIommu(self.iommu, self.driver_pool)
         self.devices: dict[int, VfioDevice] = {}
-        self._group_owner: dict[int, IommuFd] = {}
+        self.group_owner: dict[int, IommuFd] = {}
+        """IOMMU group -> the iommufd its devices are bound through (one owner per group)."""
         self._next_group = 1 << 20
 
     # -- VMM memory -------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ class Host:
 
     def user_view(self, va: int, size: int) -> UserView:
         """VMM memory [va, va+size) addressed from 0: guest RAM as the guest sees it, for building guest
-        page tables with :mod:`vtd_emu.builders`."""
+        page tables with :mod:`vtd_emu.tables`."""
         return UserView(self.process, va, size)
 
     def memfd_create(self, size: int) -> MemFd:

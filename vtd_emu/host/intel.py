@@ -21,38 +21,33 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..builders import PGTT_NESTED, PGTT_SS, PasidTables, ScalableRootTable, SecondStageTable
 from ..errors import ConfigError, InternalError
-from ..spec import specs
+from ..spec import consts, specs
+from ..tables import (PGTT_FS, PGTT_NESTED, PGTT_PT, PGTT_SS, PasidTables, R, ScalableRootTable, SecondStageTable,
+                      W, gcmd_set)
 from ..vtd.events import Interrupt
 from ..vtd.faults import FaultRecord, reason_name
-from ..vtd.qi import (T_CONTEXT, T_DEV_TLB, T_IOTLB, T_PAGE_RESPONSE, T_PASID_CACHE, T_PASID_DEV_TLB,
+from ..vtd.qi import (LAYOUTS, T_CONTEXT, T_DEV_TLB, T_IOTLB, T_PAGE_RESPONSE, T_PASID_CACHE, T_PASID_DEV_TLB,
                       T_PIOTLB, T_WAIT, TYPE_NAMES, make_descriptor)
 from .errors import IommufdError, fail
-from .iopt import IOMMU_WRITE
+from .iopt import IOMMU_READ, IOMMU_WRITE
 from .process import PagePool
-from .uapi import (HPAGE_SIZE, PAGE_SIZE, U64_MAX, VTD_S1_EAFE, VTD_S1_SRE, VTD_S1_WPE, HwptVtdS1,
-                   VtdS1Invalidate)
+from .uapi import (HPAGE_SIZE, HWPT_INVALIDATE_DATA_VTD_S1, PAGE_RESP_INVALID, PAGE_SIZE,
+                   PGFAULT_FLAGS_LAST_PAGE, PGFAULT_FLAGS_PASID_VALID, PGFAULT_PERM_EXEC, PGFAULT_PERM_PRIV,
+                   PGFAULT_PERM_READ, PGFAULT_PERM_WRITE, U64_MAX, VTD_INV_FLAGS_LEAF, VTD_S1_EAFE, VTD_S1_SRE,
+                   VTD_S1_WPE, HwptVtdS1, VtdS1Invalidate)
 
 if TYPE_CHECKING:
     from ..vtd.iommu import VtdIommu
 
-# GCMD/GSTS bits and the mask of persistent status bits a driver writes back (fact sheet §1.4).
-_TE, _SRTP, _QIE = 1 << 31, 1 << 30, 1 << 26
-_GCMD_KEEP = 0x96FF_FFFF
-_RTADDR_SMT = 1 << 10
-_IQA_DW = 1 << 11
+# Register and structure bits come from the specs (``vtd_emu.spec.consts``); what stays here are the
+# driver's own choices.
 _QI_QS = 0                    # one 4 KiB page: 128 256-bit descriptors
-_QI_DONE, _QI_IN_USE = 1, 2
+_QI_DONE, _QI_IN_USE = 1, 2   # the values Linux's wait descriptors write (QI_DONE, QI_IN_USE)
 _PRQ_ORDER = 4                # Linux: 16 pages, 2048 32-byte descriptors
-_PRS_PPR, _PRS_PRO = 1, 2
-_FSTS_PFO, _FSTS_PPF, _FSTS_IQE, _FSTS_ICE, _FSTS_ITE = 1, 2, 1 << 4, 1 << 5, 1 << 6
 _FAULT_MSI_ADDR, _FAULT_MSI_DATA = 0xFEE0_0000, 0x40
 _PRQ_MSI_DATA = 0x41
 _MAX_AGAW_PFN_WIDTH = 52
-_SS_SNP = 1 << 11
-_SS_DIRTY = 1 << 9
-_SS_RW = 3
 _FIRST_DID = 2                # 0 is CM's "invalid" tag and 1 Linux's identity/blocking domain
 
 
@@ -176,8 +171,8 @@ class PagingDomain(IntelDomain):
         if self.nest_parent and not prot & IOMMU_WRITE:
             # ERRATA_772415_SPR17: read-only mappings in a nesting parent are refused.
             raise fail(errno.EINVAL, "read-only mapping in a nest parent (errata 772415)")
-        perms = (1 if prot & 1 else 0) | (2 if prot & IOMMU_WRITE else 0)
-        snp = _SS_SNP if self.force_snooping else 0
+        perms = (R if prot & IOMMU_READ else 0) | (W if prot & IOMMU_WRITE else 0)
+        snp = consts.SS_PTE.SNP if self.force_snooping else 0
         n = len(pfns)
         big = HPAGE_SIZE // PAGE_SIZE
         done = 0
@@ -189,10 +184,10 @@ class PagingDomain(IntelDomain):
                         and pfns[i] % HPAGE_SIZE == 0
                         and all(pfns[i + k] == pfns[i] + k * PAGE_SIZE for k in range(big))):
                     self.table.map(a, pfns[i], HPAGE_SIZE, perms, page_size=HPAGE_SIZE, extra_leaf_bits=snp,
-                                   table_perms=_SS_RW)
+                                   table_perms=R | W)
                     i += big
                 else:
-                    self.table.map(a, pfns[i], PAGE_SIZE, perms, extra_leaf_bits=snp, table_perms=_SS_RW)
+                    self.table.map(a, pfns[i], PAGE_SIZE, perms, extra_leaf_bits=snp, table_perms=R | W)
                     i += 1
                 done = i
         except IommufdError:
@@ -228,6 +223,8 @@ class PagingDomain(IntelDomain):
         if not self.dirty_tracking and record is not None:
             raise fail(errno.EINVAL, "dirty tracking is not enabled")
         ram = self.drv.ram
+        rw = consts.SS_PTE.R | consts.SS_PTE.W
+        dirty = consts.SS_PTE.D
         end = iova + length
         pos = iova
         lo, hi = None, None
@@ -239,11 +236,11 @@ class PagingDomain(IntelDomain):
             addr, size = leaf
             base = pos & ~(size - 1)
             e = ram.read_u64(addr)
-            if e & _SS_RW and e & _SS_DIRTY:
+            if e & rw and e & dirty:
                 if record is not None:
                     record(base, size)
                 if clear:
-                    ram.write_u64(addr, e & ~_SS_DIRTY)
+                    ram.write_u64(addr, e & ~dirty)
                     lo = base if lo is None else min(lo, base)
                     hi = base + size - 1 if hi is None else max(hi, base + size - 1)
             pos = base + size
@@ -279,14 +276,13 @@ class NestedDomain(IntelDomain):
     def cache_invalidate_user(self, entries: list["_EntryReader"], data_type: int) -> int:
         """``intel_nested_cache_invalidate_user``: how many entries were handled; raises with
         ``entry_num`` set on the first bad one."""
-        from .uapi import HWPT_INVALIDATE_DATA_VTD_S1
         if data_type != HWPT_INVALIDATE_DATA_VTD_S1:
             raise fail(errno.EINVAL, "invalidation data type is not VTD_S1")
         processed = 0
         for reader in entries:
             try:
                 inv = reader()
-                if inv.flags & ~1 or inv.reserved:
+                if inv.flags & ~VTD_INV_FLAGS_LEAF or inv.reserved:
                     raise fail(errno.EOPNOTSUPP, "unknown invalidation flags")
                 if inv.addr % PAGE_SIZE or (inv.npages == U64_MAX and inv.addr):
                     raise fail(errno.EINVAL, "misaligned address, or a full flush with an address")
@@ -297,7 +293,7 @@ class NestedDomain(IntelDomain):
                 self.drv.flush_all(self)
             elif inv.npages:
                 last = inv.addr + inv.npages * PAGE_SIZE - 1
-                self.drv.flush_range(self, inv.addr, min(last, (1 << 64) - 1), bool(inv.flags & 1))
+                self.drv.flush_range(self, inv.addr, min(last, U64_MAX), bool(inv.flags & VTD_INV_FLAGS_LEAF))
             processed += 1
         return processed
 
@@ -409,10 +405,10 @@ class IntelIommu:
     def _r(self, reg: str, size: int = 8) -> int:
         return self.chip.mmio_read(self._off[reg], size)
 
-    def _gcmd(self, bit: int) -> None:
-        self._w("GCMD", (self._r("GSTS", 4) & _GCMD_KEEP) | bit, 4)
-        if not self._r("GSTS", 4) & bit:
-            raise InternalError(f"GSTS did not acknowledge GCMD bit {bit:#x}")
+    def _gcmd(self, command: int, status: int) -> None:
+        gcmd_set(self.chip, command)
+        if not self._r("GSTS", 4) & status:
+            raise InternalError(f"GSTS did not acknowledge GCMD {command:#x} (status bit {status:#x})")
 
     def _enable(self) -> None:
         # Queued invalidation first: every later invalidation goes through it (dmar_enable_qi).
@@ -421,10 +417,11 @@ class IntelIommu:
         self.qi_entries = 1 << (_QI_QS + 7)
         self.qi_tail = 0
         self._w("IQT", 0)
-        self._w("IQA", self.qi_base | _IQA_DW | _QI_QS)
-        self._gcmd(_QIE)
-        self._w("RTADDR", self.root.root | _RTADDR_SMT)
-        self._gcmd(_SRTP)
+        self._w("IQA", self.qi_base | consts.IQA.DW | _QI_QS << consts.IQA.QS_LO)
+        self._gcmd(consts.GCMD.QIE, consts.GSTS.QIES)
+        # TTM = 01b: scalable-mode root table.
+        self._w("RTADDR", self.root.root | 1 << consts.RTADDR.TTM_LO)
+        self._gcmd(consts.GCMD.SRTP, consts.GSTS.RTPS)
         if not self.chip.cfg.cap_field("ESRTPS"):
             self.submit([make_descriptor(T_CONTEXT, G=1), make_descriptor(T_PASID_CACHE, G=3),
                          make_descriptor(T_IOTLB, G=1, DR=self.drain_r, DW=self.drain_w)])
@@ -440,7 +437,7 @@ class IntelIommu:
             self._w("PEDATA", _PRQ_MSI_DATA, 4)
             self._w("PEADDR", _FAULT_MSI_ADDR, 4)
             self._w("PECTL", 0, 4)
-        self._gcmd(_TE)
+        self._gcmd(consts.GCMD.TE, consts.GSTS.TES)
 
     # -- interrupts -------------------------------------------------------------------------------
     def _interrupt(self, irq: Interrupt) -> None:
@@ -453,20 +450,22 @@ class IntelIommu:
 
     def _fault_handler(self) -> None:
         """``dmar_fault``: read and clear every pending FRCD, then the overflow bit."""
+        frcd = specs().register("FRCD")
+        f_bit = consts.FRCD.F
         for i in range(self.nfr):
             off = self.frcd_base + 16 * i
             hi = self.chip.mmio_read(off + 8, 8)
-            if not hi >> 63:
+            if not (hi << 64) & f_bit:
                 continue
-            lo = self.chip.mmio_read(off, 8)
-            pp = (hi >> 31) & 1
-            rec = FaultRecord((hi >> 32) & 0xFF, hi & 0xFFFF, lo & ~0xFFF & ((1 << 64) - 1), not (hi >> 62) & 1,
-                              ((hi >> 40) & 0xFFFFF) if pp else None, bool((hi >> 29) & 1), bool((hi >> 30) & 1))
+            d = frcd.decode(self.chip.mmio_read(off, 8) | hi << 64)
+            rec = FaultRecord(d["FR"], d["SID"], d["FI"] << consts.FRCD.FI_LO, not d["T"],
+                              d["PV"] if d["PP"] else None, bool(d["PRIV"]), bool(d["EXE"]))
             self.dmar_faults.append(DmarFault(rec))
-            self.chip.mmio_write(off + 12, 1 << 31, 4)
+            # F is RW1C in the last dword of the record.
+            self.chip.mmio_write(off + 12, f_bit >> 96, 4)
         fsts = self._r("FSTS", 4)
-        if fsts & _FSTS_PFO:
-            self._w("FSTS", _FSTS_PFO, 4)
+        if fsts & consts.FSTS.PFO:
+            self._w("FSTS", consts.FSTS.PFO, 4)
 
     # -- invalidation queue -----------------------------------------------------------------------
     def submit(self, descs: list[tuple[int, int]]) -> None:
@@ -485,24 +484,22 @@ class IntelIommu:
             self.qi_tail = (self.qi_tail + 1) % self.qi_entries
         self._w("IQT", self.qi_tail << 5)
         fsts = self._r("FSTS", 4)
-        if fsts & (_FSTS_IQE | _FSTS_ITE | _FSTS_ICE):
+        if fsts & (consts.FSTS.IQE | consts.FSTS.ITE | consts.FSTS.ICE):
             head = self._r("IQH") >> 5
             raise InternalError(f"invalidation queue error FSTS={fsts:#x} at descriptor {head}")
         if int.from_bytes(ram.read(status_addr, 4), "little") != _QI_DONE:
             raise InternalError("the wait descriptor's status was not written")
 
     def _log(self, qw0: int, qw1: int) -> None:
-        t = (qw0 & 0xF) | ((qw0 >> 5) & 0x70)
+        w = consts.INV_WAIT
+        t = (qw0 & w.TYPE_LO) | (qw0 & w.TYPE_HI) >> w.TYPE_HI_LO << 4
         if t == T_WAIT:
             return
-        lay = specs().structure({T_CONTEXT: "inv_context_cache", T_IOTLB: "inv_iotlb", T_DEV_TLB: "inv_dev_tlb",
-                                 T_PIOTLB: "inv_pasid_iotlb", T_PASID_CACHE: "inv_pasid_cache",
-                                 T_PASID_DEV_TLB: "inv_pasid_dev_tlb",
-                                 T_PAGE_RESPONSE: "inv_page_group_response"}[t])
+        lay = specs().structure(LAYOUTS[t])
         fields = {k: v for k, v in lay.decode(qw0 | qw1 << 64).items()
                   if not k.startswith(("TYPE", "RSVD"))}
         if "ADDR" in fields:
-            fields["ADDR"] <<= 12
+            fields["ADDR"] <<= lay.field("ADDR").lo & 63
         self.inv_log.append(InvRecord(TYPE_NAMES[t], fields))
 
     def _iotlb_desc(self, did: int, addr: int, mask: int, ih: bool, dsi: bool) -> tuple[int, int]:
@@ -621,7 +618,7 @@ class IntelIommu:
 
     def _present(self, info: DevInfo, index: int) -> bool:
         q = self._entry_qwords(info, index)
-        return q is not None and bool(q[0] & 1)
+        return q is not None and bool(q[0] & consts.PASID_ENTRY.P)
 
     def _program(self, info: DevInfo, index: int, domain: IntelDomain, did: int) -> None:
         extra = {"PWSNP": int(self.smpwc)}
@@ -635,7 +632,7 @@ class IntelIommu:
         if parent.force_snooping:
             extra["PGSNP"] = 1
         info.pasid_table.set_entry(index, pgtt=PGTT_NESTED, did=did, ssptptr=parent.table.root,
-                                   aw=parent.table.aw, fsptptr=s1.pgtbl_addr & ~0xFFF & U64_MAX,
+                                   aw=parent.table.aw, fsptptr=s1.pgtbl_addr & ~(PAGE_SIZE - 1) & U64_MAX,
                                    fspm=1 if s1.addr_width == 57 else 0, sre=sre,
                                    wpe=sre and bool(s1.flags & VTD_S1_WPE), eafe=bool(s1.flags & VTD_S1_EAFE),
                                    ssade=parent.dirty_tracking, extra=extra)
@@ -643,7 +640,9 @@ class IntelIommu:
     def _did_pgtt(self, info: DevInfo, index: int) -> tuple[int, int]:
         q = self._entry_qwords(info, index)
         assert q is not None
-        return q[1] & 0xFFFF, (q[0] >> 6) & 7
+        e = consts.PASID_ENTRY
+        (dq, dmask), (pq, pmask) = e.qword("DID"), e.qword("PGTT")
+        return (q[dq] & dmask) >> (e.DID_LO & 63), (q[pq] & pmask) >> (e.PGTT_LO & 63)
 
     def _flush_present(self, info: DevInfo, index: int, old_did: int) -> None:
         """``intel_pasid_flush_present``: after rewriting a present entry."""
@@ -660,9 +659,9 @@ class IntelIommu:
         assert addr is not None
         did, pgtt = self._did_pgtt(info, index)
         q0 = self.ram.read_u64(addr)
-        self.ram.write_u64(addr, q0 & ~1)
+        self.ram.write_u64(addr, q0 & ~consts.PASID_ENTRY.P)
         descs = [make_descriptor(T_PASID_CACHE, G=1, DID=did, PASID=index)]
-        if pgtt in (1, 4):
+        if pgtt in (PGTT_FS, PGTT_PT):
             descs.append(make_descriptor(T_PIOTLB, G=2, DID=did, PASID=index))
         else:
             descs.append(make_descriptor(T_IOTLB, G=2, DID=did, DR=self.drain_r, DW=self.drain_w))
@@ -677,11 +676,12 @@ class IntelIommu:
         addr = info.pasid_table.entry_addr(index)
         if addr is None:
             return
+        ssade = consts.PASID_ENTRY.SSADE
         q0 = self.ram.read_u64(addr)
-        if bool(q0 >> 9 & 1) == enable:
+        if bool(q0 & ssade) == enable:
             return
-        self.ram.write_u64(addr, q0 | 1 << 9 if enable else q0 & ~(1 << 9))
-        did = self.ram.read_u64(addr + 8) & 0xFFFF
+        self.ram.write_u64(addr, q0 | ssade if enable else q0 & ~ssade)
+        did, _ = self._did_pgtt(info, index)
         descs = [make_descriptor(T_PASID_CACHE, G=1, DID=did, PASID=index),
                  make_descriptor(T_IOTLB, G=2, DID=did, DR=self.drain_r, DW=self.drain_w)]
         if info.ats:
@@ -778,7 +778,7 @@ class IntelIommu:
         try:
             while True:
                 self._prq_again = False
-                self._w("PRSTS", _PRS_PPR, 4)
+                self._w("PRSTS", consts.PRSTS.PPR, 4)
                 mask = self.prq_entries * 32 - 1
                 tail = self._r("PQT") & mask
                 head = self._r("PQH") & mask
@@ -787,10 +787,10 @@ class IntelIommu:
                     self._prq_one(self._prq_layout.decode(raw))
                     head = (head + 32) & mask
                 self._w("PQH", tail)
-                if self._r("PRSTS", 4) & _PRS_PRO:
+                if self._r("PRSTS", 4) & consts.PRSTS.PRO:
                     if (self._r("PQH") & mask) == (self._r("PQT") & mask):
                         self._partial.clear()
-                        self._w("PRSTS", _PRS_PRO, 4)
+                        self._w("PRSTS", consts.PRSTS.PRO, 4)
                 if not self._prq_again:
                     break
         finally:
@@ -802,7 +802,7 @@ class IntelIommu:
             self.prq_handler()
 
     def _prq_one(self, d: dict[str, int]) -> None:
-        addr = d["ADDR"] << 12
+        addr = d["ADDR"] << (self._prq_layout.field("ADDR").lo & 63)
         pasid = d["PASID"] if d["PP"] else None
         rd, wr, last = d["RD"], d["WR"], d["LPIG"]
         if addr >> 47 not in (0, (1 << 17) - 1):
@@ -818,14 +818,15 @@ class IntelIommu:
         if info is None:
             self._bad_prq(d)
             return
-        flags = (1 if pasid is not None else 0) | (2 if last else 0)
-        perm = (1 if rd else 0) | (2 if wr else 0) | (4 if d["ER"] else 0) | (8 if d["PM"] else 0)
+        flags = (PGFAULT_FLAGS_PASID_VALID if pasid is not None else 0) | (PGFAULT_FLAGS_LAST_PAGE if last else 0)
+        perm = ((PGFAULT_PERM_READ if rd else 0) | (PGFAULT_PERM_WRITE if wr else 0)
+                | (PGFAULT_PERM_EXEC if d["ER"] else 0) | (PGFAULT_PERM_PRIV if d["PM"] else 0))
         fault = IopfFault(flags, pasid or 0, d["PRGI"], perm, addr)
         handle = self.handles.get((info.group, pasid if pasid is not None else 0))
         domain = info.domains.get(pasid if pasid is not None else 0)
         if handle is None or domain is None or domain.iopf_handler is None:
             if last:
-                self.page_response(info.sid, pasid, d["PRGI"], 1)
+                self.page_response(info.sid, pasid, d["PRGI"], PAGE_RESP_INVALID)
             return
         if not last:
             self._partial[info.sid].append(fault)
@@ -838,7 +839,7 @@ class IntelIommu:
     def _bad_prq(self, d: dict[str, int]) -> None:
         self.prq_bad += 1
         if d["LPIG"]:
-            self.page_response(d["RID"], d["PASID"] if d["PP"] else None, d["PRGI"], 1)
+            self.page_response(d["RID"], d["PASID"] if d["PP"] else None, d["PRGI"], PAGE_RESP_INVALID)
 
     def page_response(self, sid: int, pasid: int | None, prgi: int, code: int) -> None:
         """``intel_iommu_page_response``: a page group response descriptor (QI type 9)."""

@@ -204,8 +204,8 @@ def _invalidate(ictx: "IommuFd", f: dict, user: _User, respond: Respond) -> None
         if f["__reserved"]:
             raise fail(errno.EOPNOTSUPP, "__reserved")
         ptr = f["data_uptr"]
-        done = ictx._invalidate(f["hwpt_id"], f["data_type"], f["entry_len"], f["entry_num"], bool(ptr),
-                                lambda o, n: user.read(ptr + o, n))
+        done = ictx.invalidate_user(f["hwpt_id"], f["data_type"], f["entry_len"], f["entry_num"], bool(ptr),
+                                   lambda o, n: user.read(ptr + o, n))
     except IommufdError as e:
         respond({"entry_num": e.entry_num or 0})
         raise

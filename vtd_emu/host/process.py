@@ -313,39 +313,3 @@ class VmmProcess:
             out.append(self.pins.get(pfn, 0) if pfn is not None else 0)
         return out
 
-
-class UserView:
-    """A window of VMM memory addressed from 0 (how a VMM sees guest RAM it mapped at ``va``): the memory
-    protocol the builders use, so guest page tables can be written into it by guest-physical address."""
-
-    def __init__(self, proc: VmmProcess, va: int, size: int) -> None:
-        self.proc = proc
-        self.va = va
-        self.size = size
-
-    def _check(self, addr: int, n: int) -> None:
-        if addr < 0 or addr + n > self.size:
-            raise ValueError(f"[{addr:#x}, +{n:#x}) is outside the {self.size:#x}-byte window")
-
-    def is_ram(self, addr: int) -> bool:
-        return 0 <= addr < self.size
-
-    def read(self, addr: int, length: int) -> bytes:
-        self._check(addr, length)
-        return self.proc.read(self.va + addr, length)
-
-    def write(self, addr: int, data: bytes) -> int:
-        self._check(addr, len(data))
-        self.proc.write(self.va + addr, bytes(data))
-        return len(data)
-
-    def read_u64(self, addr: int) -> int:
-        if addr < 0 or addr + 8 > self.size:
-            return -1
-        return int.from_bytes(self.read(addr, 8), "little")
-
-    def write_u64(self, addr: int, value: int) -> bool:
-        if addr < 0 or addr + 8 > self.size:
-            return False
-        self.write(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
-        return True

@@ -137,6 +137,17 @@ VTD_S1_INV_SIZE = IommuHwptVtdS1Invalidate.sizeof()
 HW_INFO_VTD_SIZE = IommuHwInfoVtd.sizeof()
 
 
+def _check_fields(record: object, layout: cs.Struct, fields: dict[str, str]) -> None:
+    """``ValueError`` naming the first field of ``record`` (attribute -> C field) that does not fit its C
+    type: such a value cannot reach the kernel, so it is the caller's mistake rather than an errno."""
+    for attr, cname in fields.items():
+        value = getattr(record, attr)
+        sub = next(s for s in layout.subcons if s.name == cname)
+        bits = sub.sizeof() * 8
+        if not isinstance(value, int) or not 0 <= value < 1 << bits:
+            raise ValueError(f"{type(record).__name__}.{attr} must be a {bits}-bit unsigned value, got {value!r}")
+
+
 class IovaRange(NamedTuple):
     """An inclusive IOVA range, as ``struct iommu_iova_range``."""
 
@@ -154,6 +165,10 @@ class HwptVtdS1:
     addr_width: int = 48
     reserved: int = 0
 
+    def __post_init__(self) -> None:
+        _check_fields(self, IommuHwptVtdS1, {"flags": "flags", "pgtbl_addr": "pgtbl_addr",
+                                             "addr_width": "addr_width", "reserved": "__reserved"})
+
     def pack(self) -> bytes:
         return IommuHwptVtdS1.build(dict(flags=self.flags, pgtbl_addr=self.pgtbl_addr,
                                          addr_width=self.addr_width, __reserved=self.reserved))
@@ -168,6 +183,10 @@ class VtdS1Invalidate:
     npages: int = U64_MAX
     flags: int = 0
     reserved: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fields(self, IommuHwptVtdS1Invalidate, {"addr": "addr", "npages": "npages", "flags": "flags",
+                                                       "reserved": "__reserved"})
 
     def pack(self) -> bytes:
         return IommuHwptVtdS1Invalidate.build(dict(addr=self.addr, npages=self.npages, flags=self.flags,
@@ -196,7 +215,11 @@ class PageFault(NamedTuple):
 
 
 def page_response(cookie: int, code: int = PAGE_RESP_SUCCESS) -> bytes:
-    """The 8 bytes answering the group ``cookie`` with ``code``."""
+    """The 8 bytes answering the group ``cookie`` with ``code`` (any u32 pair: the fault file judges
+    them; values outside u32 are ``ValueError``)."""
+    for name, value in (("cookie", cookie), ("code", code)):
+        if not isinstance(value, int) or not 0 <= value <= U32_MAX:
+            raise ValueError(f"page_response {name} must be a 32-bit unsigned value, got {value!r}")
     return IommuHwptPageResponse.build(dict(cookie=cookie, code=code))
 
 
