@@ -424,7 +424,7 @@ TRACES: dict[str, tuple[str, Callable[[], Trace]]] = {
 
 
 def qemu_import() -> None:
-    from vtd_emu.trace.qemu_log import import_log
+    from vtd_emu.importers.qemu_log import import_log
 
     d = OUT / "qemu-import"
     log = d / "edu-legacy.log"

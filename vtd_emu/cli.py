@@ -365,7 +365,7 @@ def _qemu_options(items: list[str]) -> dict[str, Any]:
 
 def cmd_import_qemu(args: argparse.Namespace, out: TextIO) -> int:
     from .trace.model import save_trace
-    from .trace.qemu_log import import_log
+    from .importers.qemu_log import import_log
 
     trace, s = import_log(args.log, ram=args.ram, out=args.out_path, qemu=_qemu_options(args.qemu_option) or None,
                           preset=args.preset, profile=args.profile, ram_size=args.ram_size)
