@@ -27,7 +27,7 @@ import pytest
 from conftest import shared_dir
 from vtd_emu.builders import (PAGE_2M, PAGE_4K, PGTT_PT, PGTT_SS, LegacyRootTable, PageAllocator, PasidTables, R,
                               ScalableRootTable, SecondStageTable, W, enable_translation)
-from vtd_emu.trace.oracle import run_scenario
+from vtd_emu.importers.qemu_scenario import replay_scenario, scenario_trace
 from vtd_emu.trace.qemu_live import FORMAT, QemuRunner, ScenarioMMIO, ScenarioRAM, find_qemu, qemu_version
 
 QEMU = find_qemu()
@@ -444,7 +444,7 @@ def test_random_scenario_matches_live_qemu(runner: QemuRunner, family: str, seed
     recorded = runner.record(doc)
     assert not recorded["qemu"].get("start_error"), recorded["qemu"]
     assert "qemu_crashed" not in (recorded.get("final") or {}), _dump(recorded)
-    res = run_scenario(recorded, f"<live {recorded['id']}>", profile="qemu-7.2")
+    res = replay_scenario(scenario_trace(recorded, f"<live {recorded['id']}>"), profile="qemu-7.2")
     assert res.checks > 0
     if res.mismatches:
         path = _dump(recorded)
@@ -564,6 +564,6 @@ def test_known_divergence(runner: QemuRunner, name: str, request: pytest.Fixture
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
                                               reason=f"known model divergence {gap} (MODEL_GAPS)"))
     recorded = runner.record(make())
-    res = run_scenario(recorded, f"<live {recorded['id']}>", profile="qemu-7.2")
+    res = replay_scenario(scenario_trace(recorded, f"<live {recorded['id']}>"), profile="qemu-7.2")
     assert res.checks > 0
     assert not res.mismatches, "\n".join(str(m) for m in res.mismatches[:10])

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InternalError, TraceError
+from ..errors import TraceError
 from ..spec.consts import FRCD, GSTS, IQA, RTADDR
 from ..spec.loader import specs
 from ..trace.model import Event, Trace, TraceConfig, event_to_dict, parse_event
@@ -267,15 +267,8 @@ def _iso_seconds(stamp: str) -> float:
 # -- conversion ----------------------------------------------------------------------------------------
 
 
-
-def _offset(name: str) -> int:
-    off = specs().registers[name].offset
-    if off is None:
-        raise InternalError(f"registers.yaml: {name} was expected at a fixed offset")
-    return off
-
-
-_RTADDR, _GSTS, _IQA = _offset("RTADDR"), _offset("GSTS"), _offset("IQA")
+# Fixed offsets (the CAP/ECAP values only place the FRCD and IOTLB registers).
+_RTADDR, _GSTS, _IQA = (specs().registers[n].resolve_offset(0, 0) for n in ("RTADDR", "GSTS", "IQA"))
 _TES, _QIES, _IRES = GSTS.TES, GSTS.QIES, GSTS.IRES
 _RTADDR_CHECKED = RTADDR.RTA | RTADDR.TTM   # what vtd_reg_dmar_root tells: the address and the mode
 _FRCD_F = FRCD.qword("F")[1]                # F in the record's high qword

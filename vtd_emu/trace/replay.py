@@ -216,6 +216,9 @@ class ReplayResult:
     stats: ReplayStats = field(default_factory=ReplayStats)
     machine: Machine | None = None
     recorded: Trace | None = None
+    refused: str | None = None
+    """Why the unit refused the trace's configuration, when that was the expected outcome (a QEMU scenario
+    whose options QEMU refused too); nothing was replayed then."""
 
 
 # -- hashes ------------------------------------------------------------------------------------------
@@ -246,6 +249,31 @@ def registers_hash(iommu: VtdIommu) -> str:
     """SHA-256 of ``register_dump()`` as ``offset=value`` lines (every register a driver could read)."""
     text = "".join(f"{off:#x}={val:#x}\n" for off, val in sorted(iommu.register_dump().items()))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def memory_changes(ram: HostRAM, watch: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """What the writes ``ram.watch`` logged changed: runs of (address, new bytes) in address order, each
+    byte compared with its value before the first write that touched it."""
+    first: dict[int, int] = {}
+    for addr, old in watch:
+        for i, b in enumerate(old):
+            first.setdefault(addr + i, b)
+    runs: list[tuple[int, bytes]] = []
+    start = -1
+    cur = bytearray()
+    for a in sorted(first):
+        new = ram.read(a, 1)[0]
+        if new == first[a]:
+            continue
+        if cur and a == start + len(cur):
+            cur.append(new)
+        else:
+            if cur:
+                runs.append((start, bytes(cur)))
+            start, cur = a, bytearray([new])
+    if cur:
+        runs.append((start, bytes(cur)))
+    return runs
 
 
 def fault_list(iommu: VtdIommu) -> list[dict[str, Any]]:
@@ -286,6 +314,10 @@ class Replayer:
         self.stats = self.result.stats
         self.out_events: list[Event | DmaBlock] = []
         self.index = 0
+        # Read DMAs whose bytes a later write's ``data_from`` replays (kept only for those).
+        self._keep_reads = {ev.fields["data_from"] for ev in trace.events
+                            if isinstance(ev, Event) and ev.op == "dma" and "data_from" in ev.fields}
+        self._read_data: dict[int, bytes] = {}
 
     # -- driver --------------------------------------------------------------------------------------
     def run(self) -> ReplayResult:
@@ -364,14 +396,27 @@ class Replayer:
         self.index += 1
         op = ev.op
         handler = _HANDLERS.get(op)
-        if handler is None:
-            if op.startswith("host."):
-                obs = self._host(ev)
-            else:
-                raise TraceError(self.file, ev.where or f"event {i}", f"unknown op {op!r}")
-        else:
-            obs = handler(self, ev)
+        if handler is None and not op.startswith("host."):
+            raise TraceError(self.file, ev.where or f"event {i}", f"unknown op {op!r}")
         exp = ev.expect
+        watch = exp is not None and "mem_changes" in exp
+        raises: dict[int, int] | None = exp.get("raises") if exp else None
+        before = self.io.register_dump() if raises else {}
+        if watch:
+            if not isinstance(self.ram, HostRAM):
+                raise TraceError(self.file, ev.where or f"event {i}", "expect.mem_changes needs host RAM")
+            self.ram.watch = []
+        try:
+            obs = self._host(ev) if handler is None else handler(self, ev)
+            if watch:
+                assert self.ram.watch is not None
+                obs["mem_changes"] = memory_changes(self.ram, self.ram.watch)
+        finally:
+            if watch:
+                self.ram.watch = None
+        if raises:
+            after = self.io.register_dump()
+            obs["raises"] = {off: after.get(off, 0) & ~before.get(off, 0) & mask for off, mask in raises.items()}
         if exp:
             for k, v in exp.items():
                 if k == "regs":
@@ -381,6 +426,10 @@ class Replayer:
                 elif k == "mem":
                     for a, data in v:
                         self._check(i, ev, f"memory at {a:#x}", data, self.ram.read(a, len(data)))
+                elif k == "raises":
+                    for off, mask in v.items():
+                        self._check(i, ev, f"a bit of {mask:#x} newly set in register {off:#x}", True,
+                                    bool(obs["raises"][off]))
                 elif k in obs:
                     self._check(i, ev, k, v, obs[k])
         if self.record:
@@ -395,6 +444,11 @@ class Replayer:
                            for off, (_, mask) in old["regs"].items()}
         if "mem" in old:
             out["mem"] = [(a, self.ram.read(a, len(d))) for a, d in old["mem"]]
+        if "raises" in old:
+            out.pop("raises", None)
+            raised = {off: bits for off, bits in obs["raises"].items() if bits}
+            if raised:
+                out["raises"] = raised
         for k in old:
             if k not in out and k in obs:
                 out[k] = obs[k]
@@ -450,11 +504,20 @@ class Replayer:
 
     def _dma(self, ev: Event) -> dict[str, Any]:
         f = ev.fields
+        i = self.index - 1
+        payload = f.get("data")
+        if "data_from" in f:
+            payload = self._read_data.get(f["data_from"])
+            if payload is None:
+                raise TraceError(self.file, f"{ev.where or f'event {i}'} (dma) field 'data_from'",
+                                 f"event {f['data_from']} has not run as a read DMA before this one")
         data, faults, addrs = self.dma(f["sid"], f.get("pasid"), f["iova"], f["len"], f["dir"] == "write",
-                                       f.get("priv", False), f.get("data"))
+                                       f.get("priv", False), payload)
         obs: dict[str, Any] = {"faults": faults, "addrs": addrs}
         if data is not None:
             obs["data"] = data
+            if i in self._keep_reads:
+                self._read_data[i] = data
         return obs
 
     def dma(self, sid: int, pasid: int | None, iova: int, length: int, write: bool, priv: bool,
@@ -580,10 +643,17 @@ class Replayer:
         i0 = self.index
         n = len(blk)
         self.index += n
-        want_data = self.record or (blk.exp_flags is not None and bool((blk.exp_flags & 4).any()))
+        keep = [k for k in self._keep_reads if i0 <= k < i0 + n] if self._keep_reads else []
+        want_data = self.record or bool(keep) or (blk.exp_flags is not None and bool((blk.exp_flags & 4).any()))
         st = self.stats
         run = run_block(self.engine, self.io, blk.sid, blk.pasid, blk.iova, blk.length, blk.write, blk.priv,
                         blk.data_off, blk.data, want_data)
+        for k in keep:
+            r = k - i0
+            if not blk.write[r]:
+                assert run.read_buf is not None and run.read_off is not None  # want_data asked for them
+                o = int(run.read_off[r])
+                self._read_data[k] = run.read_buf[o:o + int(blk.length[r])].tobytes()
         if self.engine is None:
             st.scalar_chunks += int(run.res.size)
         res = run.res
