@@ -305,3 +305,54 @@ def test_data_from_must_name_an_earlier_read(tmp_path: Path, ref: int, msg: str)
                  "  - {op: dma, sid: 1, iova: 0x6000, len: 4, dir: write, data_from: 0, data: '00000000'}\n")
     with pytest.raises(TraceError, match="one of 'data', 'fill' or 'data_from'"):
         load_trace(p)
+
+
+@pytest.mark.parametrize("event,where,msg", [
+    ({"op": "host._get", "target": "ictx", "args": {"obj_id": 1}}, "event 1", "unknown host call 'host._get'"),
+    ({"op": "host.__class__"}, "event 1", "unknown host call"),
+    ({"op": "host.defer", "args": {"fn": "$ictx"}}, "event 1", "unknown host call 'host.defer'"),
+    ({"op": "host.pinned_pages"}, "event 1", "unknown host call"),
+    ({"op": "host.no_such_call"}, "event 1", "unknown host call"),
+])
+def test_host_events_outside_the_table_are_refused_when_loading(event: dict, where: str, msg: str) -> None:
+    """Only the documented host calls (``HOST_CALLS``) are events; underscore methods, properties and
+    callbacks never are, whatever the target."""
+    from vtd_emu.trace.model import parse_event
+
+    with pytest.raises(TraceError, match=msg) as ei:
+        parse_event(event, "h.yaml", where)
+    assert ei.value.file == "h.yaml" and ei.value.where == where
+
+
+@pytest.mark.parametrize("event,msg", [
+    ({"op": "host.ioas_alloc", "target": "dev"}, "VfioDevice.ioas_alloc is not a host call a trace may make"),
+    ({"op": "host.mmap", "target": "ictx", "args": {"length": 4096}}, "IommuFd.mmap is not a host call"),
+    ({"op": "host.open_iommufd", "target": "dev_id"}, "'dev_id' is a int; host calls go to a Host, IommuFd"),
+    ({"op": "host.hwpt_alloc", "target": "ictx", "args": {"dev_id": "$dev_id", "pt_id": 1,
+                                                          "data": {"$new": "_Obj"}}},
+     "vtd_emu.host exports no class '_Obj'"),
+])
+def test_host_calls_go_only_to_the_table_of_their_target(event: dict, msg: str) -> None:
+    """A call the table allows for one class is refused on another (no reaching private objects through a
+    bound result); the error names the file and the event."""
+    pytest.importorskip("vtd_emu.host")
+    from vtd_emu.trace.model import parse_event
+
+    head = [{"op": "host.open_iommufd", "as": "ictx"}, {"op": "host.add_device", "args": {"sid": 16}, "as": "dev"},
+            {"op": "host.bind_iommufd", "target": "dev", "args": {"ictx": "$ictx"}, "as": "dev_id"}]
+    evs = [parse_event(e, "h.yaml", f"line {i + 3}") for i, e in enumerate(head + [event])]
+    with pytest.raises(TraceError, match=msg) as ei:
+        Replayer(Trace(TraceConfig(host={"preset": "modern"}), evs, source="h.yaml")).run()
+    assert ei.value.file == "h.yaml" and ei.value.where.startswith("line 6 (")
+
+
+def test_the_host_call_table_names_public_methods() -> None:
+    hostmod = pytest.importorskip("vtd_emu.host")
+    import inspect
+
+    from vtd_emu.trace.model import HOST_CALLS
+
+    for cls_name, methods in HOST_CALLS.items():
+        cls = getattr(hostmod, cls_name)
+        for m in methods:
+            assert not m.startswith("_") and inspect.isfunction(inspect.getattr_static(cls, m)), f"{cls_name}.{m}"

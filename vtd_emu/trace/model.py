@@ -233,6 +233,24 @@ HOST_FIELDS: dict[str, _Field] = {"target": (_str, False, None), "args": (_mappi
                                   "as": (_str, False, None)}
 """Fields of every ``host.<method>`` event (the reserved host-layer vocabulary)."""
 
+HOST_CALLS: dict[str, frozenset[str]] = {
+    "Host": frozenset({"mmap", "munmap", "write_user", "read_user", "memfd_create", "open_iommufd", "add_device",
+                       "group_devices"}),
+    "IommuFd": frozenset({"destroy", "objects", "users", "ioas_alloc", "ioas_iova_ranges", "ioas_allow_iovas",
+                          "ioas_add_reserved", "ioas_map", "ioas_map_file", "ioas_copy", "ioas_unmap",
+                          "ioas_change_process", "option", "vfio_ioas", "hwpt_alloc", "get_hw_info",
+                          "hwpt_set_dirty_tracking", "hwpt_get_dirty_bitmap", "hwpt_invalidate",
+                          "fault_queue_alloc", "viommu_alloc", "vdevice_alloc", "access_create", "close"}),
+    "VfioDevice": frozenset({"bind_iommufd", "unbind", "attach_pt", "detach_pt", "iommufd_attach",
+                             "iommufd_replace", "attached_hwpt", "dma_read", "dma_write", "page_request"}),
+    "FaultFile": frozenset({"poll", "read", "write", "close"}),
+    "Access": frozenset({"replace_ioas", "pin_pages", "unpin", "read", "write", "destroy"}),
+}
+"""The host-layer calls a trace may make: ``host.<method>`` on a ``target`` of the ``vtd_emu.host`` class
+named here.  These are the uAPI-level operations of the host layer (ioctls, VMM memory, device DMA);
+nothing else of it (internals, underscore methods, properties, callbacks) is reachable from a trace."""
+HOST_METHODS = frozenset().union(*HOST_CALLS.values())
+
 # Expectation keys per op, beyond the generic ``regs`` and ``mem`` every event may carry.
 EXPECT_KEYS: dict[str, tuple[str, ...]] = {
     "dma": ("faults", "addrs", "data"),
@@ -582,10 +600,13 @@ def parse_event(doc: Any, file: str, where: str) -> Event:
     op = doc.get("op")
     if not isinstance(op, str):
         raise TraceError(file, where, f"expected 'op', one of {sorted(OPS)} or host.<method>")
-    if op.startswith("host.") and len(op) > 5:
+    if op.startswith("host.") and op[5:] in HOST_METHODS:
         spec = HOST_FIELDS
     elif op in OPS:
         spec = OPS[op]
+    elif op.startswith("host."):
+        raise TraceError(file, where, f"unknown host call {op!r}; expected host.<method> with a method of "
+                                      "HOST_CALLS (docs/trace-format.md, host-layer events)")
     else:
         raise TraceError(file, where, f"unknown op {op!r}; expected one of {sorted(OPS)} or host.<method>")
     fields: dict[str, Any] = {}
@@ -1270,7 +1291,7 @@ def canonical_events(trace: Trace) -> list[dict[str, Any]]:
     return [event_to_dict(ev) for ev in trace.iter_events()]
 
 
-__all__ = ["FORMAT", "ORACLE_FORMAT", "Event", "DmaBlock", "Trace", "TraceConfig", "OPS", "EXPECT_KEYS",
+__all__ = ["FORMAT", "ORACLE_FORMAT", "Event", "DmaBlock", "Trace", "TraceConfig", "OPS", "EXPECT_KEYS", "HOST_CALLS",
            "parse_event", "parse_config", "event_to_dict", "expect_to_dict", "config_to_dict", "block_from_events",
            "blockify", "load_trace", "check_references", "save_trace", "detect_kind", "kind_from_name",
            "canonical_events", "dump_yaml"]

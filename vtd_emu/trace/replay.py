@@ -1,6 +1,6 @@
 """Replay of ``vtd-trace/1`` traces on a fresh unit: run every event, compare every ``expect``, count.
 
-:func:`build_machine` makes the RAM and the chip a trace's ``config`` describes; :class:`Replayer` runs
+:meth:`Machine.build` makes the RAM and the chip a trace's ``config`` describes; :class:`Replayer` runs
 the events through the chip's public API (MMIO, memory, DMA, page requests), compares expectations, and
 collects :class:`ReplayStats` (DMAs, bytes, faults by reason, cache hit rates, invalidations by type).
 Runs of DMA go through :mod:`vtd_emu.trace.batch` unless ``batch=False``; the outcome is the same either
@@ -25,7 +25,7 @@ from ..vtd.access import NO_PASID, PRIV, READ, WRITE
 from ..vtd.config import VtdConfig, qemu72_config
 from ..vtd.iommu import DROPPED, INTR_HI, INTR_LO, VtdIommu
 from .batch import SKIPPED, BatchEngine, run_block
-from .model import DmaBlock, Event, Trace, TraceConfig, blockify
+from .model import HOST_CALLS, DmaBlock, Event, Trace, TraceConfig, blockify
 
 _U64 = (1 << 64) - 1
 IQT, IQA = 0x88, 0x90
@@ -42,13 +42,47 @@ BATCH_MIN_RUN = 16
 
 @dataclass
 class Machine:
-    """What a trace runs on: memory, the unit, and (for host-layer traces) the host and its objects."""
+    """What a trace runs on: memory, the unit, and (for host-layer traces) the host and its objects.
+
+    This is the one place the library assembles a replayable machine: replay, recording and timelines get
+    theirs from :meth:`build` (from a trace's ``config``), or are handed one.  The seam for machines built
+    elsewhere is :meth:`on_host`: anything that composes a :class:`vtd_emu.host.Host` (the host layer
+    itself, and the vIOMMU's ``vtd_emu.vmm.Machine`` when it comes, which composes a Host and puts its own
+    objects beside it) hands the Host in, and the machine replays on the Host's RAM and physical unit.
+    ``objects`` are what host events can name as ``target`` (``host`` and every result bound with ``as``).
+    """
 
     ram: HostRAM
     iommu: VtdIommu
     config: VtdConfig
     host: Any = None
     objects: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: TraceConfig, *, profile: str | None = None, base_dir: Path | None = None,
+              file: str = "<trace>") -> Machine:
+        """The machine ``cfg`` describes (``profile``, if given, replacing the trace's own); a relative
+        ``ram_image`` is found in ``base_dir``."""
+        if cfg.host is not None:
+            return cls.on_host(_build_host(cfg, profile, file))
+        vc = unit_config(cfg, profile, file)
+        ram = HostRAM(cfg.ram_size)
+        if cfg.ram_image is not None:
+            from ..ramimage import load_ram_image
+
+            img = Path(cfg.ram_image)
+            if not img.is_absolute() and base_dir is not None:
+                img = base_dir / img
+            load_ram_image(img, base=cfg.ram_base, ram=ram)
+        iommu = VtdIommu(ram, vc)
+        for d in cfg.devices:
+            iommu.attach_device(d["sid"], ats=d["ats"], pri=d["pri"], respond=d["respond"])
+        return cls(ram, iommu, vc)
+
+    @classmethod
+    def on_host(cls, host: Any) -> Machine:
+        """A machine on ``host`` (a :class:`vtd_emu.host.Host`): its RAM and physical unit are the machine's."""
+        return cls(host.ram, host.iommu, host.iommu.cfg, host, {"host": host})
 
 
 def unit_config(cfg: TraceConfig, profile: str | None = None, file: str = "<trace>") -> VtdConfig:
@@ -70,28 +104,6 @@ def unit_config(cfg: TraceConfig, profile: str | None = None, file: str = "<trac
         raise TraceError(file, "config", str(exc)) from None
 
 
-def build_machine(cfg: TraceConfig, *, profile: str | None = None, base_dir: Path | None = None,
-                  file: str = "<trace>") -> Machine:
-    if cfg.host is not None:
-        return _host_machine(cfg, profile, file)
-    vc = unit_config(cfg, profile, file)
-    ram = HostRAM(cfg.ram_size)
-    if cfg.ram_image is not None:
-        from ..ramimage import load_ram_image
-
-        img = Path(cfg.ram_image)
-        if not img.is_absolute() and base_dir is not None:
-            img = base_dir / img
-        load_ram_image(img, base=cfg.ram_base, ram=ram)
-    iommu = VtdIommu(ram, vc)
-    for d in cfg.devices:
-        attach = getattr(iommu, "attach_device", None)
-        if attach is None:
-            raise TraceError(file, "config.devices", "this unit model has no attach_device (ATS/PRI endpoints)")
-        attach(d["sid"], ats=d["ats"], pri=d["pri"], respond=d["respond"])
-    return Machine(ram, iommu, vc)
-
-
 def _host_module(file: str, where: str) -> Any:
     try:
         import vtd_emu.host as hostmod
@@ -100,18 +112,17 @@ def _host_module(file: str, where: str) -> Any:
     return hostmod
 
 
-def _host_machine(cfg: TraceConfig, profile: str | None, file: str) -> Machine:
-    """A host-layer trace runs on ``vtd_emu.host.Host``: its RAM and physical unit are the machine's."""
+def _build_host(cfg: TraceConfig, profile: str | None, file: str) -> Any:
+    """The ``vtd_emu.host.Host`` of ``config.host`` (its unit from the trace's preset, profile and overrides)."""
     hostmod = _host_module(file, "config.host")
     args = dict(cfg.host or {})
     if profile is not None or cfg.profile is not None or cfg.overrides or cfg.unit:
         args["preset"] = unit_config(TraceConfig(preset=str(args.get("preset", "modern")), profile=profile or
                                                  cfg.profile, overrides=cfg.overrides, unit=cfg.unit), None, file)
     try:
-        host = hostmod.Host(**args)
+        return hostmod.Host(**args)
     except (TypeError, ValueError) as exc:
         raise TraceError(file, "config.host", f"cannot build vtd_emu.host.Host({args}): {exc}") from None
-    return Machine(host.ram, host.iommu, host.iommu.cfg, host, {"host": host})
 
 
 # -- results -----------------------------------------------------------------------------------------
@@ -301,7 +312,7 @@ class Replayer:
         self.trace = trace
         self.file = trace.source
         base = Path(trace.source).parent if trace.source and not trace.source.startswith("<") else None
-        self.m = machine or build_machine(trace.config, profile=profile, base_dir=base, file=self.file)
+        self.m = machine or Machine.build(trace.config, profile=profile, base_dir=base, file=self.file)
         self.io = self.m.iommu
         if sanitize:
             self.io.enable_sanitizer()  # batching sees a sanitizing unit and stays scalar
@@ -618,9 +629,15 @@ class Replayer:
             raise TraceError(self.file, f"{where} ({ev.op}) field 'target'",
                              f"no object named {target_name!r}; bound so far: {sorted(m.objects)}")
         method = ev.op[5:]
-        fn = getattr(target, method, None)
-        if fn is None or not callable(fn):
-            raise TraceError(self.file, f"{where} ({ev.op})", f"{type(target).__name__} has no method {method!r}")
+        cls = next((name for name in HOST_CALLS if isinstance(target, getattr(hostmod, name))), None)
+        if cls is None:
+            raise TraceError(self.file, f"{where} ({ev.op}) field 'target'",
+                             f"{target_name!r} is a {type(target).__name__}; host calls go to a "
+                             f"{', '.join(HOST_CALLS)}")
+        if method not in HOST_CALLS[cls]:
+            raise TraceError(self.file, f"{where} ({ev.op})", f"{cls}.{method} is not a host call a trace may "
+                                                              f"make; a {cls} allows {sorted(HOST_CALLS[cls])}")
+        fn = getattr(target, method)
         try:
             args = {k: _resolve(v, m.objects, hostmod) for k, v in (ev.fields.get("args") or {}).items()}
         except (KeyError, TypeError, ValueError) as exc:
@@ -797,9 +814,10 @@ def _resolve(v: Any, objects: dict[str, Any], hostmod: Any) -> Any:
         if set(v) == {"$int"}:
             return int(v["$int"], 0) if isinstance(v["$int"], str) else int(v["$int"])
         if "$new" in v:
-            cls = getattr(hostmod, str(v["$new"]), None)
+            name = str(v["$new"])
+            cls = getattr(hostmod, name, None) if name in hostmod.__all__ else None
             if cls is None or not isinstance(cls, type):
-                raise ValueError(f"$new: vtd_emu.host has no class {v['$new']!r}")
+                raise ValueError(f"$new: vtd_emu.host exports no class {name!r}")
             return cls(**{k: _resolve(x, objects, hostmod) for k, x in v.items() if k != "$new"})
         return {k: _resolve(x, objects, hostmod) for k, x in v.items()}
     return v
