@@ -1,6 +1,6 @@
-"""Test harness (not part of the library): live differential recording against QEMU 7.2's ``intel-iommu``: run ``vtd-oracle-scenario/1`` steps on a
-real ``qemu-system-x86_64`` and fill in QEMU's answers (``expect``), exactly like the scenarios of
-``shared/qemu-oracle`` (see its README for the format).
+"""Test harness (not part of the library): live differential recording against QEMU 7.2's ``intel-iommu``:
+run ``vtd-oracle-scenario/1`` steps on a real ``qemu-system-x86_64`` and fill in QEMU's answers
+(``expect``), exactly like the scenarios of ``shared/qemu-oracle`` (see its README for the format).
 
 QEMU runs a q35 machine under TCG with 128 MiB of RAM, a firmware that only halts, ``-device
 intel-iommu,<options>`` and four ``edu`` devices: A = 00:02.0, B = 00:02.1, C = 00:10.0 and D = bus_d:00.0

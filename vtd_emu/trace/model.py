@@ -160,18 +160,14 @@ def _descriptors(v: Any) -> list[tuple[int, ...]]:
     return out
 
 
-_DESC_TYPES = {"context-cache": 1, "iotlb": 2, "device-tlb": 3, "iec": 4, "wait": 5, "pasid-iotlb": 6,
-               "pasid-cache": 7, "pasid-device-tlb": 8, "page-group-response": 9}
-
-
 def _symbolic_descriptor(i: int, d: dict[str, Any]) -> tuple[int, ...]:
+    # The chip's own table of names and layouts: the format has no second copy of them.
+    from ..vtd.qi import TYPE_NAMES, make_descriptor
+
+    codes = {name: code for code, name in TYPE_NAMES.items()}
     t = d.get("type")
-    if t not in _DESC_TYPES:
-        raise ValueError(f"descriptor {i}: 'type' must be one of {sorted(_DESC_TYPES)}, got {t!r}")
-    try:
-        from ..vtd.qi import make_descriptor
-    except ImportError:
-        raise ValueError(f"descriptor {i}: symbolic descriptors need vtd_emu.vtd.qi; give qwords instead") from None
+    if t not in codes:
+        raise ValueError(f"descriptor {i}: 'type' must be one of {sorted(codes)}, got {t!r}")
     fields = {}
     for k, val in d.items():
         if k == "type":
@@ -181,7 +177,7 @@ def _symbolic_descriptor(i: int, d: dict[str, Any]) -> tuple[int, ...]:
         except ValueError as exc:
             raise ValueError(f"descriptor {i}: {exc}") from None
     try:
-        lo, hi = make_descriptor(_DESC_TYPES[t], **fields)
+        lo, hi = make_descriptor(codes[t], **fields)
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"descriptor {i} ({t}): {exc}") from None
     return (lo, hi)

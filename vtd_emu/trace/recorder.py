@@ -1,9 +1,9 @@
 """Record a run as a ``vtd-trace/1`` trace with its expectations filled from what actually happened.
 
 Drive the unit through a :class:`Recorder` instead of directly: memory writes (``rec.mem``, a
-:class:`~vtd_emu.memory.RecordingMemory` the builders accept), MMIO, queued invalidations, DMA, page requests, checkpoints.  Every action is run
-by the same code that replays traces (:class:`~vtd_emu.trace.replay.Replayer`), so replaying the
-recording reproduces the run bit for bit: same memory, same registers, same fault records.
+:class:`~vtd_emu.memory.RecordingMemory` the builders accept), MMIO, queued invalidations, DMA, page
+requests, checkpoints.  Every action is run by the same code that replays traces
+(:class:`~vtd_emu.trace.replay.Replayer`), so replaying the recording reproduces the run bit for bit: same memory, same registers, same fault records.
 
     rec = Recorder(TraceConfig(preset="modern"), name="legacy-dma")
     alloc = PageAllocator(rec.mem)

@@ -22,15 +22,29 @@ import numpy as np
 from ..errors import ConfigError, TraceError
 from ..memory import HostRAM
 from ..vtd.access import NO_PASID, PRIV, READ, WRITE
+from ..spec.consts import INV_CONTEXT_CACHE
+from ..spec.consts import IQA as IQA_BITS
+from ..spec.consts import IQT as IQT_BITS
+from ..spec.loader import specs
 from ..vtd.config import VtdConfig, qemu72_config
 from ..vtd.iommu import DROPPED, INTR_HI, INTR_LO, VtdIommu
+from ..vtd.qi import TYPE_NAMES
 from .batch import SKIPPED, BatchEngine, run_block
 from .model import HOST_CALLS, DmaBlock, Event, Trace, TraceConfig, blockify
 
 _U64 = (1 << 64) - 1
-IQT, IQA = 0x88, 0x90
-DESC_TYPE_NAMES = {1: "context-cache", 2: "iotlb", 3: "device-tlb", 4: "iec", 5: "wait", 6: "pasid-iotlb",
-                   7: "pasid-cache", 8: "pasid-device-tlb", 9: "page-group-response"}
+# Fixed offsets (the CAP/ECAP values only place the FRCD and IOTLB registers).
+IQT, IQA = (specs().registers[n].resolve_offset(0, 0) for n in ("IQT", "IQA"))
+DESC_TYPE_NAMES = TYPE_NAMES
+"""Descriptor type names by type code (``vtd_emu.vtd.qi.TYPE_NAMES``)."""
+# Every descriptor has its type where the context-cache one has it: bits 3:0 and 11:9 of qword 0.
+_TYPE_LO, _TYPE_HI = INV_CONTEXT_CACHE.TYPE_LO, INV_CONTEXT_CACHE.TYPE_HI
+_TYPE_HI_SHIFT = INV_CONTEXT_CACHE.TYPE_HI_LO - 4
+
+
+def descriptor_type(q0: int) -> int:
+    """The type code of a descriptor from its first qword."""
+    return (q0 & _TYPE_LO) | (q0 & _TYPE_HI) >> _TYPE_HI_SHIFT
 PROGRESS_ROWS = 1 << 18
 """With a progress callback, long DMA blocks are replayed in slices of this many rows."""
 BATCH_MIN_RUN = 16
@@ -497,10 +511,10 @@ class Replayer:
         io = self.io
         iqa = io.mmio_read(IQA, 8)
         iqt = io.mmio_read(IQT, 8)
-        base = iqa & ~0xFFF & ((1 << io.cfg.haw) - 1)
-        slot = 32 if (iqa >> 11) & 1 else 16
-        qbytes = 4096 << (iqa & 7)
-        off = iqt & 0x7FFF0
+        base = iqa & IQA_BITS.IQA & ((1 << io.cfg.haw) - 1)
+        slot = 32 if iqa & IQA_BITS.DW else 16
+        qbytes = 4096 << (iqa & IQA_BITS.QS)
+        off = iqt & IQT_BITS.QT
         for k, d in enumerate(descs):
             if len(d) * 8 > slot:
                 raise TraceError(self.file, f"{where} (qi_submit) descriptor {k}",
@@ -509,7 +523,7 @@ class Replayer:
             for j, q in enumerate(qws):
                 self.ram.write_u64(base + (off + 8 * j) % qbytes, q)
             off = (off + slot) % qbytes
-            t = (d[0] & 0xF) | ((d[0] >> 9) & 7) << 4
+            t = descriptor_type(d[0])
             self.stats.qi_descriptors[DESC_TYPE_NAMES.get(t, f"type-{t:#x}")] += 1
         io.mmio_write(IQT, off, 4)
 
