@@ -3,7 +3,8 @@
 Drive the unit through a :class:`Recorder` instead of directly: memory writes (``rec.mem``, a
 :class:`~vtd_emu.memory.RecordingMemory` the builders accept), MMIO, queued invalidations, DMA, page
 requests, checkpoints.  Every action is run by the same code that replays traces
-(:class:`~vtd_emu.trace.replay.Replayer`), so replaying the recording reproduces the run bit for bit: same memory, same registers, same fault records.
+(:class:`~vtd_emu.trace.replay.Replayer`), so replaying the recording reproduces the run bit for bit:
+same memory, same registers, same fault records.
 
     rec = Recorder(TraceConfig(preset="modern"), name="legacy-dma")
     alloc = PageAllocator(rec.mem)
