@@ -118,17 +118,16 @@ def unit_config(cfg: TraceConfig, profile: str | None = None, file: str = "<trac
         raise TraceError(file, "config", str(exc)) from None
 
 
-def _host_module(file: str, where: str) -> Any:
-    try:
-        import vtd_emu.host as hostmod
-    except ImportError:
-        raise TraceError(file, where, "host-layer traces need vtd_emu.host, which this installation lacks") from None
+def _host_module() -> Any:
+    # Imported on first use: traces without host events never load the host layer.
+    import vtd_emu.host as hostmod
+
     return hostmod
 
 
 def _build_host(cfg: TraceConfig, profile: str | None, file: str) -> Any:
     """The ``vtd_emu.host.Host`` of ``config.host`` (its unit from the trace's preset, profile and overrides)."""
-    hostmod = _host_module(file, "config.host")
+    hostmod = _host_module()
     args = dict(cfg.host or {})
     if profile is not None or cfg.profile is not None or cfg.overrides or cfg.unit:
         args["preset"] = unit_config(TraceConfig(preset=str(args.get("preset", "modern")), profile=profile or
@@ -607,10 +606,8 @@ class Replayer:
         if getattr(self.io, "page_request", None) is None or getattr(self.io, "qi", None) is None:
             raise TraceError(self.file, where, "page_response: this unit model has no page requests or no "
                                                "invalidation queue to carry the response")
-        try:
-            from ..vtd.qi import T_PAGE_RESPONSE, make_descriptor
-        except ImportError:
-            raise TraceError(self.file, where, "page_response needs vtd_emu.vtd.qi") from None
+        from ..vtd.qi import T_PAGE_RESPONSE, make_descriptor
+
         f = ev.fields
         pasid = f.get("pasid")
         desc = make_descriptor(T_PAGE_RESPONSE, PP=int(pasid is not None), RC=f["code"], RID=f["sid"],
@@ -632,7 +629,7 @@ class Replayer:
 
     def _host(self, ev: Event) -> dict[str, Any]:
         where = ev.where or f"event {self.index - 1}"
-        hostmod = _host_module(self.file, where)
+        hostmod = _host_module()
         m = self.m
         if m.host is None:
             raise TraceError(self.file, f"{where} ({ev.op})", "host-layer events run on a host machine: give "
