@@ -2,7 +2,7 @@
 """Generate the shipped traces in ``traces/`` (reproducibly: same code, same bytes).
 
 Each trace is recorded with :class:`vtd_emu.trace.recorder.Recorder` while this script plays the guest
-driver: it builds the tables with :mod:`vtd_emu.builders` (through the recorder's memory, so every table
+driver: it builds the tables with :mod:`vtd_emu.tables` (through the recorder's memory, so every table
 write is in the trace), programs the unit by MMIO, queues invalidations and issues device DMA.  The
 expectations in the files are what the emulator did; ``make test`` (``tests/test_traces.py``) and
 ``make run`` replay every file with ``--check``.
@@ -424,7 +424,7 @@ TRACES: dict[str, tuple[str, Callable[[], Trace]]] = {
 
 
 def qemu_import() -> None:
-    from vtd_emu.trace.qemu_log import import_log
+    from vtd_emu.importers.qemu_log import import_log
 
     d = OUT / "qemu-import"
     log = d / "edu-legacy.log"

@@ -23,7 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from vtd_emu.trace.qemu_live import QTest, find_qemu, halting_bios
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the qtest driver is a test harness (tests/qemu_harness.py), not library code
+
+from tests.qemu_harness import QTest, find_qemu, halting_bios  # noqa: E402
 
 RAM = 128 << 20
 VTD = 0xFED9_0000

@@ -1,5 +1,5 @@
 """A small "guest driver" for the chip tests: the GCMD handshake, an invalidation queue that software
-fills, and legacy / scalable domains built with vtd_emu.builders.  Everything goes through MMIO and guest
+fills, and legacy / scalable domains built with vtd_emu.tables.  Everything goes through MMIO and guest
 memory writes, as a driver would; nothing pokes the chip's internals."""
 
 from __future__ import annotations

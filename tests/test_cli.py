@@ -91,7 +91,7 @@ def test_replay_oracle_check(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(doc) + "\n")
     rc, out, _ = run(["replay", "--check", str(bad)], capsys)
-    assert rc == 1 and "expected 57005" in out and out.strip().endswith("1 mismatches")
+    assert rc == 1 and "expected 0xdead" in out and out.strip().endswith("1 mismatches")
 
 
 def test_replay_sanitize_names_each_stale_translation(capsys: pytest.CaptureFixture[str]) -> None:

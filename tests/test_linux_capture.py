@@ -32,7 +32,7 @@ def _tlb() -> list[dict]:
 def _first_stage_unit(cr3: int) -> tuple[HostRAM, VtdIommu]:
     """A unit whose PASID 1 of device 00:02.0 translates through the guest's CPU page tables (PGTT=FS,
     FSPTPTR = CR3): the DMA walker then walks exactly the tables QEMU's ``info tlb`` walked."""
-    from vtd_emu.builders import PGTT_FS, PageAllocator, PasidTables, ScalableRootTable, enable_translation
+    from vtd_emu.tables import PGTT_FS, PageAllocator, PasidTables, ScalableRootTable, enable_translation
     from vtd_emu.ramimage import load_ram_image
 
     ram = load_ram_image(CAP / "ram.bin.zst")

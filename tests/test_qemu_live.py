@@ -1,7 +1,7 @@
 """Live differential test against QEMU 7.2 (``qemu-system-x86_64`` driven over ``-qtest``, four ``edu``
-devices doing DMA; see :mod:`vtd_emu.trace.qemu_live`).
+devices doing DMA; see ``tests/qemu_harness.py``).
 
-Random scenarios are built with :mod:`vtd_emu.builders` from a fixed list of seeds (no hypothesis, so a
+Random scenarios are built with :mod:`vtd_emu.tables` from a fixed list of seeds (no hypothesis, so a
 failure is reproducible with ``-k seed<N>``), QEMU's answers are recorded live, and the model replays
 them under the ``qemu-7.2`` profile with no mismatch allowed.  A failing scenario, with QEMU's answers,
 is written to ``$TMPDIR/vtd-emu-qemu-live/<id>.jsonl`` (replay it with ``vtd-emu replay --check``).
@@ -9,8 +9,9 @@ is written to ``$TMPDIR/vtd-emu-qemu-live/<id>.jsonl`` (replay it with ``vtd-emu
 A second test re-records the shared QEMU corpus (``shared/qemu-oracle``) live and requires the recorder
 to reproduce every recorded answer: it keeps the harness honest.
 
-Skipped when QEMU is not installed (``make test`` installs it in CI) or is not 7.2 (set
-``VTD_EMU_QEMU_ANY_VERSION=1`` to run against another version anyway).
+Skipped when QEMU is not installed or is not 7.2 (set ``VTD_EMU_QEMU_ANY_VERSION=1`` to run against
+another version anyway).  ``make test`` installs Debian's ``qemu-system-x86`` first when run as root in CI
+(``CI`` set) or with ``VTD_EMU_INSTALL_QEMU=1``, best effort: without QEMU these tests skip.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from typing import Any
 import pytest
 
 from conftest import shared_dir
+from qemu_harness import FORMAT, QemuRunner, ScenarioMMIO, ScenarioRAM, find_qemu, qemu_version
 from vtd_emu.tables import (PAGE_2M, PAGE_4K, PGTT_PT, PGTT_SS, LegacyRootTable, PageAllocator, PasidTables, R,
                             ScalableRootTable, SecondStageTable, W, enable_translation)
-from vtd_emu.trace.oracle import run_scenario
-from vtd_emu.trace.qemu_live import FORMAT, QemuRunner, ScenarioMMIO, ScenarioRAM, find_qemu, qemu_version
+from vtd_emu.importers.qemu_scenario import replay_scenario, scenario_trace
 
 QEMU = find_qemu()
 VERSION = qemu_version() if QEMU else None
@@ -444,7 +445,7 @@ def test_random_scenario_matches_live_qemu(runner: QemuRunner, family: str, seed
     recorded = runner.record(doc)
     assert not recorded["qemu"].get("start_error"), recorded["qemu"]
     assert "qemu_crashed" not in (recorded.get("final") or {}), _dump(recorded)
-    res = run_scenario(recorded, f"<live {recorded['id']}>", profile="qemu-7.2")
+    res = replay_scenario(scenario_trace(recorded, f"<live {recorded['id']}>"), profile="qemu-7.2")
     assert res.checks > 0
     if res.mismatches:
         path = _dump(recorded)
@@ -564,6 +565,6 @@ def test_known_divergence(runner: QemuRunner, name: str, request: pytest.Fixture
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
                                               reason=f"known model divergence {gap} (MODEL_GAPS)"))
     recorded = runner.record(make())
-    res = run_scenario(recorded, f"<live {recorded['id']}>", profile="qemu-7.2")
+    res = replay_scenario(scenario_trace(recorded, f"<live {recorded['id']}>"), profile="qemu-7.2")
     assert res.checks > 0
     assert not res.mismatches, "\n".join(str(m) for m in res.mismatches[:10])

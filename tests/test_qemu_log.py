@@ -9,7 +9,7 @@ import pytest
 
 from vtd_emu.errors import TraceError
 from vtd_emu.trace.model import Event, load_trace, save_trace
-from vtd_emu.trace.qemu_log import EVENTS, import_log, parse_log
+from vtd_emu.importers.qemu_log import EVENTS, import_log, parse_log
 from vtd_emu.trace.replay import Replayer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,3 +136,56 @@ def test_shipped_qemu_log_reimports_and_replays(tmp_path: Path) -> None:
     from vtd_emu.trace.model import canonical_events
 
     assert canonical_events(shipped) == canonical_events(load_trace(out))
+
+
+@pytest.mark.parametrize("line,expect", [
+    ("vtd_dmar_fault sid 0x12345678 fault 6 addr 0x60000 write 0", "sid 0x12345678 does not fit: expected a 16-bit"),
+    ("vtd_translate_pt source id 0x10000, iova 0x1000", "sid 0x10000 does not fit"),
+    ("vtd_dmar_fault sid 0x10 fault 300 addr 0x60000 write 0", "fault 0x12c does not fit: expected a 8-bit"),
+    ("vtd_dmar_fault sid 0x10 fault 6 addr 0x60000 write 2", "is_write 0x2 does not fit"),
+    ("vtd_reg_write addr 0x20 size 0x3 value 0x1", "expected an access size of 1, 2, 4 or 8"),
+    ("vtd_reg_write addr 0x18 size 0x4 value 0x100000000", "does not fit a 4-byte access"),
+    ("vtd_reg_read addr 0x100000000 size 0x4", "addr 0x100000000 does not fit: expected a 32-bit"),
+    ("vtd_dmar_translate dev 00:20.00 iova 0x0 -> gpa 0x0 mask 0xfff", "slot 0x20 does not fit"),
+    ("vtd_dmar_translate dev 00:02.00 iova 0x10000000000000000 -> gpa 0x0 mask 0xfff", "iova"),
+    ("vtd_frr_new index 5 high 0x0 low 0x0", "index 5: expected 0..0"),
+])
+def test_out_of_range_log_values_name_the_line(tmp_path: Path, line: str, expect: str) -> None:
+    """What replay would refuse is refused while importing, naming the log file and line."""
+    p = tmp_path / "bad.log"
+    p.write_text("123@1.000001:vtd_reg_write addr 0x20 size 0x8 value 0x100000\n"
+                 "123@1.000002:vtd_dmar_fault sid 0x10 fault 6 addr 0x1000 write 0\n"
+                 f"123@1.000003:{line}\n")
+    with pytest.raises(TraceError) as ei:
+        import_log(p)
+    assert ei.value.file == str(p) and ei.value.where == "line 3", str(ei.value)
+    assert expect in ei.value.message
+
+
+@pytest.mark.parametrize("text", ["", "qemu-system-x86_64: -device edu: some message\n\n",
+                                  "123@1.000001:pci_cfg_read bus 0 dev 2\n"])
+def test_a_log_without_vtd_trace_lines_is_an_error(tmp_path: Path, text: str) -> None:
+    p = tmp_path / "empty.log"
+    p.write_text(text)
+    with pytest.raises(TraceError, match="no VT-d trace line") as ei:
+        import_log(p)
+    assert ei.value.file == str(p)
+
+
+@pytest.mark.parametrize("size", [-1, 0, (1 << 64) + 1])
+def test_import_refuses_a_bad_ram_size(tmp_path: Path, size: int) -> None:
+    p = tmp_path / "q.log"
+    p.write_text(log_72())
+    with pytest.raises(TraceError, match="memory size") as ei:
+        import_log(p, ram_size=size)
+    assert ei.value.file == str(p)
+
+
+def test_import_writes_only_what_replay_accepts(tmp_path: Path) -> None:
+    p = tmp_path / "q.log"
+    p.write_text(log_72())
+    trace, _ = import_log(p, ram_size=128 << 20)
+    for kind in ("yaml", "jsonl", "npz"):
+        out = tmp_path / f"q.{kind}"
+        save_trace(trace, out)
+        assert Replayer(load_trace(out)).run().events == trace.event_count()

@@ -60,7 +60,7 @@ def test_stale_pass_through_bypass_is_reported() -> None:
     # QEMU's pass-through fast path caches "this device bypasses" until a context invalidation; a guest
     # that turns the context into a translated one without invalidating gets the stale bypass, and the
     # sanitizer's uncached walk (which must not trust that bypass) says what memory says now.
-    from vtd_emu.builders import R, LegacyRootTable, SecondStageTable
+    from vtd_emu.tables import R, LegacyRootTable, SecondStageTable
     from vtd_emu.vtd.config import VtdConfig
 
     ram = HostRAM()

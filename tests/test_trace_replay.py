@@ -170,12 +170,6 @@ def test_host_events_run_on_the_host_layer(tmp_path: Path) -> None:
     from vtd_emu.trace.model import parse_event
 
     evs = [parse_event(e, "h.yaml", f"event {i}") for i, e in enumerate(HOST_EVENTS)]
-    try:
-        import vtd_emu.host  # noqa: F401
-    except ImportError:
-        with pytest.raises(TraceError, match="need vtd_emu.host"):
-            Replayer(Trace(TraceConfig(host={}), evs, source="h.yaml")).run()
-        return
     t = Trace(TraceConfig(host={"preset": "modern"}), evs, "host")
     rec = Replayer(t, record=True).run().recorded
     assert rec is not None
@@ -239,3 +233,120 @@ def test_progress_slices_long_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res.mismatches == [] and res.checks >= 12_000
     assert len(seen) >= 12 and seen[-1] == (t.event_count(), t.event_count())
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def _wb_trace(kind: str, tmp_path: Path, *, wrong: bool = False) -> Trace:
+    """A legacy unit with translation off: a read DMA, a write-back of its bytes (``data_from``), an
+    invalidation-wait status write (``mem_changes``) and a queue error (``raises``)."""
+    from vtd_emu.trace.model import parse_event
+
+    evs = [
+        {"op": "mem_write", "addr": "0x5000", "hex": "0102030405060708"},
+        {"op": "dma", "sid": "0x10", "iova": "0x5002", "len": 4, "dir": "read", "expect": {"data": "03040506"}},
+        {"op": "dma", "sid": "0x10", "iova": "0x6001", "len": 4, "dir": "write", "data_from": 1,
+         "expect": {"mem_changes": [{"addr": "0x6001", "hex": "03040506" if not wrong else "03040507"}]}},
+        {"op": "mmio_write", "offset": "0x90", "value": "0x10000", "size": 8},
+        {"op": "mmio_write", "offset": "0x18", "value": "0x4000000", "size": 4},
+        {"op": "mem_write", "addr": "0x10000", "qwords": ["0x100000025", "0x7000"]},
+        {"op": "mmio_write", "offset": "0x88", "value": "0x10", "size": 4,
+         "expect": {"mem_changes": [{"addr": "0x7000", "hex": "01"}]}},  # only changed bytes
+        {"op": "mem_write", "addr": "0x10010", "qwords": ["0xf", "0x0"]},
+        {"op": "mmio_write", "offset": "0x88", "value": "0x20", "size": 4, "expect": {"raises": {"0x34": "0x70"}}},
+    ]
+    t = Trace(TraceConfig(preset="modern", ram_size=1 << 20),
+              [parse_event(d, "<wb>", f"event {i}") for i, d in enumerate(evs)], "wb")
+    path = tmp_path / f"wb.{kind}"
+    save_trace(t, path)
+    return load_trace(path)
+
+
+@pytest.mark.parametrize("kind", ["yaml", "jsonl", "npz"])
+@pytest.mark.parametrize("batch", [False, True])
+def test_data_from_mem_changes_and_raises(tmp_path: Path, kind: str, batch: bool) -> None:
+    t = _wb_trace(kind, tmp_path)
+    res = Replayer(t, batch=batch).run()
+    assert res.mismatches == [] and res.checks == 4
+    assert res.machine is not None and res.machine.ram.read(0x6001, 4) == bytes([3, 4, 5, 6])
+    bad = Replayer(_wb_trace(kind, tmp_path, wrong=True), batch=batch).run()
+    assert [m.what for m in bad.mismatches] == ["mem_changes"]
+    rec = Replayer(t, record=True).run().recorded
+    assert rec is not None
+    ev = rec.events[8]
+    assert isinstance(ev, Event) and ev.expect == {"raises": {0x34: 0x10}}   # IQE, the bit that was raised
+
+
+def test_raises_reports_an_error_that_did_not_happen(tmp_path: Path) -> None:
+    t = _wb_trace("yaml", tmp_path)
+    ev = t.events[6]
+    assert isinstance(ev, Event)
+    ev.expect = {"raises": {0x34: 0x70}}   # a valid wait descriptor: no queue error
+    res = Replayer(t).run()
+    assert len(res.mismatches) == 1 and res.checks == 4
+    assert "a bit of 0x70 newly set in register 0x34: expected true, got false" in str(res.mismatches[0])
+
+
+@pytest.mark.parametrize("ref,msg", [(2, "expected the number of an earlier event"),
+                                     (0, "event 0 is not a read DMA of len 4")])
+def test_data_from_must_name_an_earlier_read(tmp_path: Path, ref: int, msg: str) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("format: vtd-trace/1\nevents:\n"
+                 "  - {op: mem_write, addr: 0x5000, hex: '01'}\n"
+                 "  - {op: dma, sid: 1, iova: 0x5000, len: 4, dir: read}\n"
+                 f"  - {{op: dma, sid: 1, iova: 0x6000, len: 4, dir: write, data_from: {ref}}}\n")
+    with pytest.raises(TraceError, match=msg):
+        load_trace(p)
+    p.write_text("format: vtd-trace/1\nevents:\n"
+                 "  - {op: dma, sid: 1, iova: 0x6000, len: 4, dir: write, data_from: 0, data: '00000000'}\n")
+    with pytest.raises(TraceError, match="one of 'data', 'fill' or 'data_from'"):
+        load_trace(p)
+
+
+@pytest.mark.parametrize("event,where,msg", [
+    ({"op": "host._get", "target": "ictx", "args": {"obj_id": 1}}, "event 1", "unknown host call 'host._get'"),
+    ({"op": "host.__class__"}, "event 1", "unknown host call"),
+    ({"op": "host.defer", "args": {"fn": "$ictx"}}, "event 1", "unknown host call 'host.defer'"),
+    ({"op": "host.pinned_pages"}, "event 1", "unknown host call"),
+    ({"op": "host.no_such_call"}, "event 1", "unknown host call"),
+])
+def test_host_events_outside_the_table_are_refused_when_loading(event: dict, where: str, msg: str) -> None:
+    """Only the documented host calls (``HOST_CALLS``) are events; underscore methods, properties and
+    callbacks never are, whatever the target."""
+    from vtd_emu.trace.model import parse_event
+
+    with pytest.raises(TraceError, match=msg) as ei:
+        parse_event(event, "h.yaml", where)
+    assert ei.value.file == "h.yaml" and ei.value.where == where
+
+
+@pytest.mark.parametrize("event,msg", [
+    ({"op": "host.ioas_alloc", "target": "dev"}, "VfioDevice.ioas_alloc is not a host call a trace may make"),
+    ({"op": "host.mmap", "target": "ictx", "args": {"length": 4096}}, "IommuFd.mmap is not a host call"),
+    ({"op": "host.open_iommufd", "target": "dev_id"}, "'dev_id' is a int; host calls go to a Host, IommuFd"),
+    ({"op": "host.hwpt_alloc", "target": "ictx", "args": {"dev_id": "$dev_id", "pt_id": 1,
+                                                          "data": {"$new": "_Obj"}}},
+     "vtd_emu.host exports no class '_Obj'"),
+])
+def test_host_calls_go_only_to_the_table_of_their_target(event: dict, msg: str) -> None:
+    """A call the table allows for one class is refused on another (no reaching private objects through a
+    bound result); the error names the file and the event."""
+    pytest.importorskip("vtd_emu.host")
+    from vtd_emu.trace.model import parse_event
+
+    head = [{"op": "host.open_iommufd", "as": "ictx"}, {"op": "host.add_device", "args": {"sid": 16}, "as": "dev"},
+            {"op": "host.bind_iommufd", "target": "dev", "args": {"ictx": "$ictx"}, "as": "dev_id"}]
+    evs = [parse_event(e, "h.yaml", f"line {i + 3}") for i, e in enumerate(head + [event])]
+    with pytest.raises(TraceError, match=msg) as ei:
+        Replayer(Trace(TraceConfig(host={"preset": "modern"}), evs, source="h.yaml")).run()
+    assert ei.value.file == "h.yaml" and ei.value.where.startswith("line 6 (")
+
+
+def test_the_host_call_table_names_public_methods() -> None:
+    hostmod = pytest.importorskip("vtd_emu.host")
+    import inspect
+
+    from vtd_emu.trace.model import HOST_CALLS
+
+    for cls_name, methods in HOST_CALLS.items():
+        cls = getattr(hostmod, cls_name)
+        for m in methods:
+            assert not m.startswith("_") and inspect.isfunction(inspect.getattr_static(cls, m)), f"{cls_name}.{m}"

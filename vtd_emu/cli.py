@@ -255,8 +255,8 @@ def _summary_table(st: Any, out: TextIO) -> None:
 
 
 def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
+    from .importers.qemu_scenario import load_scenarios, replay_scenario
     from .trace.model import detect_kind, load_trace
-    from .trace.oracle import run_file
     from .trace.replay import ReplayStats, Replayer
 
     total = events = bad = stale = 0
@@ -266,17 +266,18 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     show = args.progress or sys.stderr.isatty()
     for path in args.files:
         if detect_kind(path) == "oracle":
-            for res in run_file(path, profile=args.profile or "qemu-7.2"):
+            for sc in load_scenarios(path):
+                res = replay_scenario(sc, profile=args.profile or "qemu-7.2", batch=not args.no_batch)
                 total += 1
-                events += res.steps
-                if res.skipped:
-                    summary.append({"file": path, "id": res.id, "skipped": res.skipped})
+                events += sc.steps
+                if res.refused:
+                    summary.append({"file": path, "id": sc.id, "skipped": res.refused})
                     continue
                 bad += len(res.mismatches)
                 if args.check:
                     for m in res.mismatches:
-                        print(f"{path}: {m}", file=out)
-                summary.append({"file": path, "id": res.id, "steps": res.steps, "checks": res.checks,
+                        print(f"{path}: {sc.id}: {m}", file=out)
+                summary.append({"file": path, "id": sc.id, "steps": sc.steps, "checks": res.checks,
                                 "mismatches": len(res.mismatches)})
             continue
         trace = load_trace(path)
@@ -365,7 +366,7 @@ def _qemu_options(items: list[str]) -> dict[str, Any]:
 
 def cmd_import_qemu(args: argparse.Namespace, out: TextIO) -> int:
     from .trace.model import save_trace
-    from .trace.qemu_log import import_log
+    from .importers.qemu_log import import_log
 
     trace, s = import_log(args.log, ram=args.ram, out=args.out_path, qemu=_qemu_options(args.qemu_option) or None,
                           preset=args.preset, profile=args.profile, ram_size=args.ram_size)

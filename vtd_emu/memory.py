@@ -373,3 +373,28 @@ class UserView:
             return False
         self.write(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
         return True
+
+
+class WriteRecorder(Protocol):
+    """Stores a write and returns the bytes stored, as ``HostRAM.write`` counts them (``qword``: the write
+    came from ``write_u64``)."""
+
+    def __call__(self, addr: int, data: bytes, qword: bool) -> int: ...
+
+
+class RecordingMemory:
+    """``ram`` with every write handed to ``record`` instead: what a trace recorder gives the builders, so
+    that every table write becomes an event."""
+
+    def __init__(self, ram: HostRAM, record: WriteRecorder) -> None:
+        self._record = record
+        self.read_u64 = ram.read_u64
+        self.read = ram.read
+        self.is_ram = ram.is_ram
+        self.size = ram.size
+
+    def write_u64(self, addr: int, value: int) -> bool:
+        return self._record(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"), True) == 8
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> int:
+        return self._record(addr, bytes(data), False)

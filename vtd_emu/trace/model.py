@@ -160,18 +160,14 @@ def _descriptors(v: Any) -> list[tuple[int, ...]]:
     return out
 
 
-_DESC_TYPES = {"context-cache": 1, "iotlb": 2, "device-tlb": 3, "iec": 4, "wait": 5, "pasid-iotlb": 6,
-               "pasid-cache": 7, "pasid-device-tlb": 8, "page-group-response": 9}
-
-
 def _symbolic_descriptor(i: int, d: dict[str, Any]) -> tuple[int, ...]:
+    # The chip's own table of names and layouts: the format has no second copy of them.
+    from ..vtd.qi import TYPE_NAMES, make_descriptor
+
+    codes = {name: code for code, name in TYPE_NAMES.items()}
     t = d.get("type")
-    if t not in _DESC_TYPES:
-        raise ValueError(f"descriptor {i}: 'type' must be one of {sorted(_DESC_TYPES)}, got {t!r}")
-    try:
-        from ..vtd.qi import make_descriptor
-    except ImportError:
-        raise ValueError(f"descriptor {i}: symbolic descriptors need vtd_emu.vtd.qi; give qwords instead") from None
+    if t not in codes:
+        raise ValueError(f"descriptor {i}: 'type' must be one of {sorted(codes)}, got {t!r}")
     fields = {}
     for k, val in d.items():
         if k == "type":
@@ -181,7 +177,7 @@ def _symbolic_descriptor(i: int, d: dict[str, Any]) -> tuple[int, ...]:
         except ValueError as exc:
             raise ValueError(f"descriptor {i}: {exc}") from None
     try:
-        lo, hi = make_descriptor(_DESC_TYPES[t], **fields)
+        lo, hi = make_descriptor(codes[t], **fields)
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"descriptor {i} ({t}): {exc}") from None
     return (lo, hi)
@@ -216,7 +212,8 @@ OPS: dict[str, dict[str, _Field]] = {
     "qi_submit": {"descriptors": (_descriptors, True, None)},
     "dma": {"sid": (_u16, True, None), "pasid": (_pasid, False, None), "iova": (_u64, True, None),
             "len": (_length, True, None), "dir": (_dir, True, None), "data": (_hex, False, None),
-            "fill": (lambda v: _as_int(v, 8, "a byte value"), False, None), "priv": (_bool, False, False)},
+            "fill": (lambda v: _as_int(v, 8, "a byte value"), False, None),
+            "data_from": (_count, False, None), "priv": (_bool, False, False)},
     "page_request": {"sid": (_u16, True, None), "addr": (_u64, True, None), "pasid": (_pasid, False, None),
                      "read": (_bool, False, True), "write": (_bool, False, False), "exe": (_bool, False, False),
                      "priv": (_bool, False, False), "last": (_bool, False, True),
@@ -232,6 +229,24 @@ HOST_FIELDS: dict[str, _Field] = {"target": (_str, False, None), "args": (_mappi
                                   "as": (_str, False, None)}
 """Fields of every ``host.<method>`` event (the reserved host-layer vocabulary)."""
 
+HOST_CALLS: dict[str, frozenset[str]] = {
+    "Host": frozenset({"mmap", "munmap", "write_user", "read_user", "memfd_create", "open_iommufd", "add_device",
+                       "group_devices"}),
+    "IommuFd": frozenset({"destroy", "objects", "users", "ioas_alloc", "ioas_iova_ranges", "ioas_allow_iovas",
+                          "ioas_add_reserved", "ioas_map", "ioas_map_file", "ioas_copy", "ioas_unmap",
+                          "ioas_change_process", "option", "vfio_ioas", "hwpt_alloc", "get_hw_info",
+                          "hwpt_set_dirty_tracking", "hwpt_get_dirty_bitmap", "hwpt_invalidate",
+                          "fault_queue_alloc", "viommu_alloc", "vdevice_alloc", "access_create", "close"}),
+    "VfioDevice": frozenset({"bind_iommufd", "unbind", "attach_pt", "detach_pt", "iommufd_attach",
+                             "iommufd_replace", "attached_hwpt", "dma_read", "dma_write", "page_request"}),
+    "FaultFile": frozenset({"poll", "read", "write", "close"}),
+    "Access": frozenset({"replace_ioas", "pin_pages", "unpin", "read", "write", "destroy"}),
+}
+"""The host-layer calls a trace may make: ``host.<method>`` on a ``target`` of the ``vtd_emu.host`` class
+named here.  These are the uAPI-level operations of the host layer (ioctls, VMM memory, device DMA);
+nothing else of it (internals, underscore methods, properties, callbacks) is reachable from a trace."""
+HOST_METHODS = frozenset().union(*HOST_CALLS.values())
+
 # Expectation keys per op, beyond the generic ``regs`` and ``mem`` every event may carry.
 EXPECT_KEYS: dict[str, tuple[str, ...]] = {
     "dma": ("faults", "addrs", "data"),
@@ -240,7 +255,7 @@ EXPECT_KEYS: dict[str, tuple[str, ...]] = {
     "page_request": ("status",),
     "checkpoint": ("mem_sha256", "regs_sha256", "faults", "interrupts"),
 }
-_GENERIC_EXPECT = ("regs", "mem")
+_GENERIC_EXPECT = ("regs", "mem", "mem_changes", "raises")
 _HOST_EXPECT = ("result", "errno")
 
 
@@ -523,11 +538,15 @@ def _parse_expect(op: str, v: Any) -> dict[str, Any]:
         try:
             if k == "regs":
                 out[k] = _parse_regs_expect(val)
-            elif k == "mem":
+            elif k in ("mem", "mem_changes"):
                 if not isinstance(val, list):
                     raise ValueError("expected a list of {addr, hex}")
                 out[k] = [(_u64(m["addr"]), _hex(m["hex"])) if isinstance(m, dict) and set(m) == {"addr", "hex"}
                           else _bad("expected {addr, hex}") for m in val]
+            elif k == "raises":
+                if not isinstance(val, dict) or not val:
+                    raise ValueError("expected a mapping of register offset to a mask of bits")
+                out[k] = {_as_int(off, 32, "a register offset"): _u64(mask) for off, mask in val.items()}
             elif k == "faults":
                 if not isinstance(val, list):
                     raise ValueError("expected a list of fault reasons")
@@ -577,10 +596,13 @@ def parse_event(doc: Any, file: str, where: str) -> Event:
     op = doc.get("op")
     if not isinstance(op, str):
         raise TraceError(file, where, f"expected 'op', one of {sorted(OPS)} or host.<method>")
-    if op.startswith("host.") and len(op) > 5:
+    if op.startswith("host.") and op[5:] in HOST_METHODS:
         spec = HOST_FIELDS
     elif op in OPS:
         spec = OPS[op]
+    elif op.startswith("host."):
+        raise TraceError(file, where, f"unknown host call {op!r}; expected host.<method> with a method of "
+                                      "HOST_CALLS (docs/trace-format.md, host-layer events)")
     else:
         raise TraceError(file, where, f"unknown op {op!r}; expected one of {sorted(OPS)} or host.<method>")
     fields: dict[str, Any] = {}
@@ -621,15 +643,16 @@ def _check_event(op: str, f: dict[str, Any], file: str, where: str) -> None:
             raise TraceError(file, w, "field 'hex': expected at least one byte")
     elif op == "dma":
         if f["dir"] == "write":
+            if sum(k in f for k in ("data", "fill", "data_from")) > 1:
+                raise TraceError(file, w, "give one of 'data', 'fill' or 'data_from'")
             if "fill" in f:
-                if "data" in f:
-                    raise TraceError(file, w, "give 'data' or 'fill', not both")
                 f["data"] = bytes([f.pop("fill")]) * f["len"]
-            if "data" not in f:
-                raise TraceError(file, w, "a write DMA needs 'data' (hex payload) or 'fill' (a byte value)")
-            if len(f["data"]) != f["len"]:
+            if "data" not in f and "data_from" not in f:
+                raise TraceError(file, w, "a write DMA needs 'data' (hex payload), 'fill' (a byte value) or "
+                                          "'data_from' (the event number of an earlier read DMA)")
+            if "data" in f and len(f["data"]) != f["len"]:
                 raise TraceError(file, f"{w} field 'data'", f"expected {f['len']} bytes (len), got {len(f['data'])}")
-        elif "data" in f or "fill" in f:
+        elif "data" in f or "fill" in f or "data_from" in f:
             raise TraceError(file, w, "a read DMA carries no 'data'; put the bytes expected in expect.data")
         if f.get("priv") and f.get("pasid") is None:
             raise TraceError(file, w, "a privileged request carries a PASID; give 'pasid'")
@@ -673,7 +696,9 @@ def event_to_dict(ev: Event) -> dict[str, Any]:
         d.update(iova=_hexs(f["iova"]), len=f["len"], dir=f["dir"])
         if f.get("priv"):
             d["priv"] = True
-        if f["dir"] == "write":
+        if "data_from" in f:
+            d["data_from"] = f["data_from"]
+        elif f["dir"] == "write":
             d["data"] = f["data"].hex()
     elif op == "page_request":
         d.update(sid=_hexs(f["sid"]), addr=_hexs(f["addr"]))
@@ -713,8 +738,10 @@ def expect_to_dict(exp: dict[str, Any]) -> dict[str, Any]:
         if k == "regs":
             out[k] = {_hexs(off): (_hexs(val) if mask == _U64 else {"value": _hexs(val), "mask": _hexs(mask)})
                       for off, (val, mask) in v.items()}
-        elif k == "mem":
+        elif k in ("mem", "mem_changes"):
             out[k] = [{"addr": _hexs(a), "hex": b.hex()} for a, b in v]
+        elif k == "raises":
+            out[k] = {_hexs(off): _hexs(mask) for off, mask in v.items()}
         elif k == "addrs":
             out[k] = [None if a is None else _hexs(a) for a in v]
         elif k in ("data", "hex"):
@@ -735,8 +762,9 @@ def expect_to_dict(exp: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_plain_dma(ev: Event) -> bool:
-    """A DMA whose whole content fits the columns (no note, no generic expectations)."""
-    return ev.op == "dma" and ev.note is None and (ev.expect is None or set(ev.expect) <= {"faults", "addrs", "data"})
+    """A DMA whose whole content fits the columns (no note, no generic expectations, its own payload)."""
+    return (ev.op == "dma" and ev.note is None and "data_from" not in ev.fields
+            and (ev.expect is None or set(ev.expect) <= {"faults", "addrs", "data"}))
 
 
 def block_from_events(events: Sequence[Event], where: str = "") -> DmaBlock:
@@ -853,12 +881,52 @@ def load_trace(path: str | Path) -> Trace:
     p = Path(path)
     kind = detect_kind(p)
     if kind == "oracle":
-        raise TraceError(str(p), "line 1", f"this is a {ORACLE_FORMAT} file; replay it with vtd_emu.trace.oracle")
+        raise TraceError(str(p), "line 1", f"this is a {ORACLE_FORMAT} file (several scenarios): load it with "
+                                           "vtd_emu.importers.qemu_scenario.load_scenarios")
     if kind == "npz":
-        return _load_npz(p)
-    if kind == "jsonl":
-        return _load_jsonl(p)
-    return _load_yaml(p)
+        trace = _load_npz(p)
+    elif kind == "jsonl":
+        trace = _load_jsonl(p)
+    else:
+        trace = _load_yaml(p)
+    check_references(trace)
+    return trace
+
+
+def check_references(trace: Trace) -> None:
+    """Every ``data_from`` of a write DMA names an earlier read DMA of the same ``len``; else a
+    :class:`TraceError` at the write."""
+    refs: dict[int, Event] = {}
+    n = 0
+    for ev in trace.events:
+        if isinstance(ev, DmaBlock):
+            n += len(ev)
+            continue
+        k = ev.fields.get("data_from") if ev.op == "dma" else None
+        if k is not None:
+            if k >= n:
+                raise TraceError(trace.source, f"{ev.where or f'event {n}'} (dma) field 'data_from'",
+                                 f"expected the number of an earlier event (< {n}), got {k}")
+            refs.setdefault(k, ev)
+        n += 1
+    if not refs:
+        return
+    lengths: dict[int, int | None] = {}   # referenced event number -> its len if it is a read DMA
+    n = 0
+    for ev in trace.events:
+        if isinstance(ev, DmaBlock):
+            for k in refs:
+                if n <= k < n + len(ev):
+                    lengths[k] = None if ev.write[k - n] else int(ev.length[k - n])
+            n += len(ev)
+            continue
+        if n in refs:
+            lengths[n] = ev.fields["len"] if ev.op == "dma" and ev.fields["dir"] == "read" else None
+        n += 1
+    for k, ev in refs.items():
+        if lengths.get(k) != ev.fields["len"]:
+            raise TraceError(trace.source, f"{ev.where or 'event'} (dma) field 'data_from'",
+                             f"event {k} is not a read DMA of len {ev.fields['len']}")
 
 
 def _header(doc: Any, file: str, where: str) -> tuple[TraceConfig, str, str]:
@@ -1219,6 +1287,7 @@ def canonical_events(trace: Trace) -> list[dict[str, Any]]:
     return [event_to_dict(ev) for ev in trace.iter_events()]
 
 
-__all__ = ["FORMAT", "ORACLE_FORMAT", "Event", "DmaBlock", "Trace", "TraceConfig", "OPS", "EXPECT_KEYS",
+__all__ = ["FORMAT", "ORACLE_FORMAT", "Event", "DmaBlock", "Trace", "TraceConfig", "OPS", "EXPECT_KEYS", "HOST_CALLS",
            "parse_event", "parse_config", "event_to_dict", "expect_to_dict", "config_to_dict", "block_from_events",
-           "blockify", "load_trace", "save_trace", "detect_kind", "kind_from_name", "canonical_events", "dump_yaml"]
+           "blockify", "load_trace", "check_references", "save_trace", "detect_kind", "kind_from_name",
+           "canonical_events", "dump_yaml"]

@@ -1,9 +1,10 @@
 """Record a run as a ``vtd-trace/1`` trace with its expectations filled from what actually happened.
 
-Drive the unit through a :class:`Recorder` instead of directly: memory writes (``rec.mem`` is a memory
-the builders accept), MMIO, queued invalidations, DMA, page requests, checkpoints.  Every action is run
-by the same code that replays traces (:class:`~vtd_emu.trace.replay.Replayer`), so replaying the
-recording reproduces the run bit for bit: same memory, same registers, same fault records.
+Drive the unit through a :class:`Recorder` instead of directly: memory writes (``rec.mem``, a
+:class:`~vtd_emu.memory.RecordingMemory` the builders accept), MMIO, queued invalidations, DMA, page
+requests, checkpoints.  Every action is run by the same code that replays traces
+(:class:`~vtd_emu.trace.replay.Replayer`), so replaying the recording reproduces the run bit for bit:
+same memory, same registers, same fault records.
 
     rec = Recorder(TraceConfig(preset="modern"), name="legacy-dma")
     alloc = PageAllocator(rec.mem)
@@ -25,41 +26,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..memory import RecordingMemory
 from ..vtd.iommu import VtdIommu
 from .model import Event, Trace, TraceConfig, save_trace
-from .replay import Machine, Replayer, build_machine
-
-
-class RecordingMemory:
-    """The machine's RAM, with every write recorded (for builders and anything taking a Memory)."""
-
-    def __init__(self, rec: "Recorder") -> None:
-        self._rec = rec
-        ram = rec.ram
-        self.read_u64 = ram.read_u64
-        self.read = ram.read
-        self.is_ram = ram.is_ram
-        self.size = ram.size
-
-    def write_u64(self, addr: int, value: int) -> bool:
-        return self._rec._write(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"), qword=True) == 8
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> int:
-        return self._rec._write(addr, bytes(data), qword=False)
+from .replay import Machine, Replayer
 
 
 class Recorder:
+    """Drives a :class:`~vtd_emu.trace.replay.Machine` (built from ``config``, or given) and records
+    every action with the expectations it produced."""
+
     def __init__(self, config: TraceConfig | None = None, *, name: str = "", description: str = "",
                  machine: Machine | None = None) -> None:
         self.config = config or TraceConfig()
-        self.machine = machine or build_machine(self.config)
+        self.machine = machine or Machine.build(self.config)
         self.ram = self.machine.ram
         self.iommu: VtdIommu = self.machine.iommu
         self.name = name
         self.description = description
         self._replayer = Replayer(Trace(self.config, [], name, description), machine=self.machine, batch=False,
                                   record=True)
-        self.mem = RecordingMemory(self)
+        self.mem = RecordingMemory(self.ram, self._write)
         self._pend_addr = -1
         self._pend = bytearray()
         self._pend_qwords = False

@@ -1,6 +1,6 @@
 """Replay of ``vtd-trace/1`` traces on a fresh unit: run every event, compare every ``expect``, count.
 
-:func:`build_machine` makes the RAM and the chip a trace's ``config`` describes; :class:`Replayer` runs
+:meth:`Machine.build` makes the RAM and the chip a trace's ``config`` describes; :class:`Replayer` runs
 the events through the chip's public API (MMIO, memory, DMA, page requests), compares expectations, and
 collects :class:`ReplayStats` (DMAs, bytes, faults by reason, cache hit rates, invalidations by type).
 Runs of DMA go through :mod:`vtd_emu.vtd.batch` unless ``batch=False``; the outcome is the same either
@@ -22,15 +22,29 @@ import numpy as np
 from ..errors import ConfigError, TraceError
 from ..memory import HostRAM
 from ..vtd.access import NO_PASID, PRIV, READ, WRITE
+from ..spec.consts import INV_CONTEXT_CACHE
+from ..spec.consts import IQA as IQA_BITS
+from ..spec.consts import IQT as IQT_BITS
+from ..spec.loader import specs
 from ..vtd.config import VtdConfig, qemu72_config
 from ..vtd.iommu import DROPPED, INTR_HI, INTR_LO, VtdIommu
 from ..vtd.batch import SKIPPED, BatchEngine, run_block
-from .model import DmaBlock, Event, Trace, TraceConfig, blockify
+from ..vtd.qi import TYPE_NAMES
+from .model import HOST_CALLS, DmaBlock, Event, Trace, TraceConfig, blockify
 
 _U64 = (1 << 64) - 1
-IQT, IQA = 0x88, 0x90
-DESC_TYPE_NAMES = {1: "context-cache", 2: "iotlb", 3: "device-tlb", 4: "iec", 5: "wait", 6: "pasid-iotlb",
-                   7: "pasid-cache", 8: "pasid-device-tlb", 9: "page-group-response"}
+# Fixed offsets (the CAP/ECAP values only place the FRCD and IOTLB registers).
+IQT, IQA = (specs().registers[n].resolve_offset(0, 0) for n in ("IQT", "IQA"))
+DESC_TYPE_NAMES = TYPE_NAMES
+"""Descriptor type names by type code (``vtd_emu.vtd.qi.TYPE_NAMES``)."""
+# Every descriptor has its type where the context-cache one has it: bits 3:0 and 11:9 of qword 0.
+_TYPE_LO, _TYPE_HI = INV_CONTEXT_CACHE.TYPE_LO, INV_CONTEXT_CACHE.TYPE_HI
+_TYPE_HI_SHIFT = INV_CONTEXT_CACHE.TYPE_HI_LO - 4
+
+
+def descriptor_type(q0: int) -> int:
+    """The type code of a descriptor from its first qword."""
+    return (q0 & _TYPE_LO) | (q0 & _TYPE_HI) >> _TYPE_HI_SHIFT
 PROGRESS_ROWS = 1 << 18
 """With a progress callback, long DMA blocks are replayed in slices of this many rows."""
 BATCH_MIN_RUN = 16
@@ -42,13 +56,47 @@ BATCH_MIN_RUN = 16
 
 @dataclass
 class Machine:
-    """What a trace runs on: memory, the unit, and (for host-layer traces) the host and its objects."""
+    """What a trace runs on: memory, the unit, and (for host-layer traces) the host and its objects.
+
+    This is the one place the library assembles a replayable machine: replay, recording and timelines get
+    theirs from :meth:`build` (from a trace's ``config``), or are handed one.  The seam for machines built
+    elsewhere is :meth:`on_host`: anything that composes a :class:`vtd_emu.host.Host` (the host layer
+    itself, and the vIOMMU's ``vtd_emu.vmm.Machine`` when it comes, which composes a Host and puts its own
+    objects beside it) hands the Host in, and the machine replays on the Host's RAM and physical unit.
+    ``objects`` are what host events can name as ``target`` (``host`` and every result bound with ``as``).
+    """
 
     ram: HostRAM
     iommu: VtdIommu
     config: VtdConfig
     host: Any = None
     objects: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: TraceConfig, *, profile: str | None = None, base_dir: Path | None = None,
+              file: str = "<trace>") -> Machine:
+        """The machine ``cfg`` describes (``profile``, if given, replacing the trace's own); a relative
+        ``ram_image`` is found in ``base_dir``."""
+        if cfg.host is not None:
+            return cls.on_host(_build_host(cfg, profile, file))
+        vc = unit_config(cfg, profile, file)
+        ram = HostRAM(cfg.ram_size)
+        if cfg.ram_image is not None:
+            from ..ramimage import load_ram_image
+
+            img = Path(cfg.ram_image)
+            if not img.is_absolute() and base_dir is not None:
+                img = base_dir / img
+            load_ram_image(img, base=cfg.ram_base, ram=ram)
+        iommu = VtdIommu(ram, vc)
+        for d in cfg.devices:
+            iommu.attach_device(d["sid"], ats=d["ats"], pri=d["pri"], respond=d["respond"])
+        return cls(ram, iommu, vc)
+
+    @classmethod
+    def on_host(cls, host: Any) -> Machine:
+        """A machine on ``host`` (a :class:`vtd_emu.host.Host`): its RAM and physical unit are the machine's."""
+        return cls(host.ram, host.iommu, host.iommu.cfg, host, {"host": host})
 
 
 def unit_config(cfg: TraceConfig, profile: str | None = None, file: str = "<trace>") -> VtdConfig:
@@ -70,48 +118,24 @@ def unit_config(cfg: TraceConfig, profile: str | None = None, file: str = "<trac
         raise TraceError(file, "config", str(exc)) from None
 
 
-def build_machine(cfg: TraceConfig, *, profile: str | None = None, base_dir: Path | None = None,
-                  file: str = "<trace>") -> Machine:
-    if cfg.host is not None:
-        return _host_machine(cfg, profile, file)
-    vc = unit_config(cfg, profile, file)
-    ram = HostRAM(cfg.ram_size)
-    if cfg.ram_image is not None:
-        from ..ramimage import load_ram_image
+def _host_module() -> Any:
+    # Imported on first use: traces without host events never load the host layer.
+    import vtd_emu.host as hostmod
 
-        img = Path(cfg.ram_image)
-        if not img.is_absolute() and base_dir is not None:
-            img = base_dir / img
-        load_ram_image(img, base=cfg.ram_base, ram=ram)
-    iommu = VtdIommu(ram, vc)
-    for d in cfg.devices:
-        attach = getattr(iommu, "attach_device", None)
-        if attach is None:
-            raise TraceError(file, "config.devices", "this unit model has no attach_device (ATS/PRI endpoints)")
-        attach(d["sid"], ats=d["ats"], pri=d["pri"], respond=d["respond"])
-    return Machine(ram, iommu, vc)
-
-
-def _host_module(file: str, where: str) -> Any:
-    try:
-        import vtd_emu.host as hostmod
-    except ImportError:
-        raise TraceError(file, where, "host-layer traces need vtd_emu.host, which this installation lacks") from None
     return hostmod
 
 
-def _host_machine(cfg: TraceConfig, profile: str | None, file: str) -> Machine:
-    """A host-layer trace runs on ``vtd_emu.host.Host``: its RAM and physical unit are the machine's."""
-    hostmod = _host_module(file, "config.host")
+def _build_host(cfg: TraceConfig, profile: str | None, file: str) -> Any:
+    """The ``vtd_emu.host.Host`` of ``config.host`` (its unit from the trace's preset, profile and overrides)."""
+    hostmod = _host_module()
     args = dict(cfg.host or {})
     if profile is not None or cfg.profile is not None or cfg.overrides or cfg.unit:
         args["preset"] = unit_config(TraceConfig(preset=str(args.get("preset", "modern")), profile=profile or
                                                  cfg.profile, overrides=cfg.overrides, unit=cfg.unit), None, file)
     try:
-        host = hostmod.Host(**args)
+        return hostmod.Host(**args)
     except (TypeError, ValueError) as exc:
         raise TraceError(file, "config.host", f"cannot build vtd_emu.host.Host({args}): {exc}") from None
-    return Machine(host.ram, host.iommu, host.iommu.cfg, host, {"host": host})
 
 
 # -- results -----------------------------------------------------------------------------------------
@@ -216,6 +240,9 @@ class ReplayResult:
     stats: ReplayStats = field(default_factory=ReplayStats)
     machine: Machine | None = None
     recorded: Trace | None = None
+    refused: str | None = None
+    """Why the unit refused the trace's configuration, when that was the expected outcome (a QEMU scenario
+    whose options QEMU refused too); nothing was replayed then."""
 
 
 # -- hashes ------------------------------------------------------------------------------------------
@@ -248,6 +275,31 @@ def registers_hash(iommu: VtdIommu) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def memory_changes(ram: HostRAM, watch: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """What the writes ``ram.watch`` logged changed: runs of (address, new bytes) in address order, each
+    byte compared with its value before the first write that touched it."""
+    first: dict[int, int] = {}
+    for addr, old in watch:
+        for i, b in enumerate(old):
+            first.setdefault(addr + i, b)
+    runs: list[tuple[int, bytes]] = []
+    start = -1
+    cur = bytearray()
+    for a in sorted(first):
+        new = ram.read(a, 1)[0]
+        if new == first[a]:
+            continue
+        if cur and a == start + len(cur):
+            cur.append(new)
+        else:
+            if cur:
+                runs.append((start, bytes(cur)))
+            start, cur = a, bytearray([new])
+    if cur:
+        runs.append((start, bytes(cur)))
+    return runs
+
+
 def fault_list(iommu: VtdIommu) -> list[dict[str, Any]]:
     return [{"reason": f.reason, "sid": f.sid, "addr": f.addr, "write": f.is_write, "pasid": f.pasid}
             for f in iommu.fault_records()]
@@ -273,7 +325,7 @@ class Replayer:
         self.trace = trace
         self.file = trace.source
         base = Path(trace.source).parent if trace.source and not trace.source.startswith("<") else None
-        self.m = machine or build_machine(trace.config, profile=profile, base_dir=base, file=self.file)
+        self.m = machine or Machine.build(trace.config, profile=profile, base_dir=base, file=self.file)
         self.io = self.m.iommu
         if sanitize:
             self.io.enable_sanitizer()  # batching sees a sanitizing unit and stays scalar
@@ -286,6 +338,10 @@ class Replayer:
         self.stats = self.result.stats
         self.out_events: list[Event | DmaBlock] = []
         self.index = 0
+        # Read DMAs whose bytes a later write's ``data_from`` replays (kept only for those).
+        self._keep_reads = {ev.fields["data_from"] for ev in trace.events
+                            if isinstance(ev, Event) and ev.op == "dma" and "data_from" in ev.fields}
+        self._read_data: dict[int, bytes] = {}
 
     # -- driver --------------------------------------------------------------------------------------
     def run(self) -> ReplayResult:
@@ -364,14 +420,27 @@ class Replayer:
         self.index += 1
         op = ev.op
         handler = _HANDLERS.get(op)
-        if handler is None:
-            if op.startswith("host."):
-                obs = self._host(ev)
-            else:
-                raise TraceError(self.file, ev.where or f"event {i}", f"unknown op {op!r}")
-        else:
-            obs = handler(self, ev)
+        if handler is None and not op.startswith("host."):
+            raise TraceError(self.file, ev.where or f"event {i}", f"unknown op {op!r}")
         exp = ev.expect
+        watch = exp is not None and "mem_changes" in exp
+        raises: dict[int, int] | None = exp.get("raises") if exp else None
+        before = self.io.register_dump() if raises else {}
+        if watch:
+            if not isinstance(self.ram, HostRAM):
+                raise TraceError(self.file, ev.where or f"event {i}", "expect.mem_changes needs host RAM")
+            self.ram.watch = []
+        try:
+            obs = self._host(ev) if handler is None else handler(self, ev)
+            if watch:
+                assert self.ram.watch is not None
+                obs["mem_changes"] = memory_changes(self.ram, self.ram.watch)
+        finally:
+            if watch:
+                self.ram.watch = None
+        if raises:
+            after = self.io.register_dump()
+            obs["raises"] = {off: after.get(off, 0) & ~before.get(off, 0) & mask for off, mask in raises.items()}
         if exp:
             for k, v in exp.items():
                 if k == "regs":
@@ -381,6 +450,10 @@ class Replayer:
                 elif k == "mem":
                     for a, data in v:
                         self._check(i, ev, f"memory at {a:#x}", data, self.ram.read(a, len(data)))
+                elif k == "raises":
+                    for off, mask in v.items():
+                        self._check(i, ev, f"a bit of {mask:#x} newly set in register {off:#x}", True,
+                                    bool(obs["raises"][off]))
                 elif k in obs:
                     self._check(i, ev, k, v, obs[k])
         if self.record:
@@ -395,6 +468,11 @@ class Replayer:
                            for off, (_, mask) in old["regs"].items()}
         if "mem" in old:
             out["mem"] = [(a, self.ram.read(a, len(d))) for a, d in old["mem"]]
+        if "raises" in old:
+            out.pop("raises", None)
+            raised = {off: bits for off, bits in obs["raises"].items() if bits}
+            if raised:
+                out["raises"] = raised
         for k in old:
             if k not in out and k in obs:
                 out[k] = obs[k]
@@ -432,10 +510,10 @@ class Replayer:
         io = self.io
         iqa = io.mmio_read(IQA, 8)
         iqt = io.mmio_read(IQT, 8)
-        base = iqa & ~0xFFF & ((1 << io.cfg.haw) - 1)
-        slot = 32 if (iqa >> 11) & 1 else 16
-        qbytes = 4096 << (iqa & 7)
-        off = iqt & 0x7FFF0
+        base = iqa & IQA_BITS.IQA & ((1 << io.cfg.haw) - 1)
+        slot = 32 if iqa & IQA_BITS.DW else 16
+        qbytes = 4096 << (iqa & IQA_BITS.QS)
+        off = iqt & IQT_BITS.QT
         for k, d in enumerate(descs):
             if len(d) * 8 > slot:
                 raise TraceError(self.file, f"{where} (qi_submit) descriptor {k}",
@@ -444,17 +522,26 @@ class Replayer:
             for j, q in enumerate(qws):
                 self.ram.write_u64(base + (off + 8 * j) % qbytes, q)
             off = (off + slot) % qbytes
-            t = (d[0] & 0xF) | ((d[0] >> 9) & 7) << 4
+            t = descriptor_type(d[0])
             self.stats.qi_descriptors[DESC_TYPE_NAMES.get(t, f"type-{t:#x}")] += 1
         io.mmio_write(IQT, off, 4)
 
     def _dma(self, ev: Event) -> dict[str, Any]:
         f = ev.fields
+        i = self.index - 1
+        payload = f.get("data")
+        if "data_from" in f:
+            payload = self._read_data.get(f["data_from"])
+            if payload is None:
+                raise TraceError(self.file, f"{ev.where or f'event {i}'} (dma) field 'data_from'",
+                                 f"event {f['data_from']} has not run as a read DMA before this one")
         data, faults, addrs = self.dma(f["sid"], f.get("pasid"), f["iova"], f["len"], f["dir"] == "write",
-                                       f.get("priv", False), f.get("data"))
+                                       f.get("priv", False), payload)
         obs: dict[str, Any] = {"faults": faults, "addrs": addrs}
         if data is not None:
             obs["data"] = data
+            if i in self._keep_reads:
+                self._read_data[i] = data
         return obs
 
     def dma(self, sid: int, pasid: int | None, iova: int, length: int, write: bool, priv: bool,
@@ -519,10 +606,8 @@ class Replayer:
         if getattr(self.io, "page_request", None) is None or getattr(self.io, "qi", None) is None:
             raise TraceError(self.file, where, "page_response: this unit model has no page requests or no "
                                                "invalidation queue to carry the response")
-        try:
-            from ..vtd.qi import T_PAGE_RESPONSE, make_descriptor
-        except ImportError:
-            raise TraceError(self.file, where, "page_response needs vtd_emu.vtd.qi") from None
+        from ..vtd.qi import T_PAGE_RESPONSE, make_descriptor
+
         f = ev.fields
         pasid = f.get("pasid")
         desc = make_descriptor(T_PAGE_RESPONSE, PP=int(pasid is not None), RC=f["code"], RID=f["sid"],
@@ -544,7 +629,7 @@ class Replayer:
 
     def _host(self, ev: Event) -> dict[str, Any]:
         where = ev.where or f"event {self.index - 1}"
-        hostmod = _host_module(self.file, where)
+        hostmod = _host_module()
         m = self.m
         if m.host is None:
             raise TraceError(self.file, f"{where} ({ev.op})", "host-layer events run on a host machine: give "
@@ -555,9 +640,15 @@ class Replayer:
             raise TraceError(self.file, f"{where} ({ev.op}) field 'target'",
                              f"no object named {target_name!r}; bound so far: {sorted(m.objects)}")
         method = ev.op[5:]
-        fn = getattr(target, method, None)
-        if fn is None or not callable(fn):
-            raise TraceError(self.file, f"{where} ({ev.op})", f"{type(target).__name__} has no method {method!r}")
+        cls = next((name for name in HOST_CALLS if isinstance(target, getattr(hostmod, name))), None)
+        if cls is None:
+            raise TraceError(self.file, f"{where} ({ev.op}) field 'target'",
+                             f"{target_name!r} is a {type(target).__name__}; host calls go to a "
+                             f"{', '.join(HOST_CALLS)}")
+        if method not in HOST_CALLS[cls]:
+            raise TraceError(self.file, f"{where} ({ev.op})", f"{cls}.{method} is not a host call a trace may "
+                                                              f"make; a {cls} allows {sorted(HOST_CALLS[cls])}")
+        fn = getattr(target, method)
         try:
             args = {k: _resolve(v, m.objects, hostmod) for k, v in (ev.fields.get("args") or {}).items()}
         except (KeyError, TypeError, ValueError) as exc:
@@ -580,10 +671,17 @@ class Replayer:
         i0 = self.index
         n = len(blk)
         self.index += n
-        want_data = self.record or (blk.exp_flags is not None and bool((blk.exp_flags & 4).any()))
+        keep = [k for k in self._keep_reads if i0 <= k < i0 + n] if self._keep_reads else []
+        want_data = self.record or bool(keep) or (blk.exp_flags is not None and bool((blk.exp_flags & 4).any()))
         st = self.stats
         run = run_block(self.engine, self.io, blk.sid, blk.pasid, blk.iova, blk.length, blk.write, blk.priv,
                         blk.data_off, blk.data, want_data)
+        for k in keep:
+            r = k - i0
+            if not blk.write[r]:
+                assert run.read_buf is not None and run.read_off is not None  # want_data asked for them
+                o = int(run.read_off[r])
+                self._read_data[k] = run.read_buf[o:o + int(blk.length[r])].tobytes()
         if self.engine is None:
             st.scalar_chunks += int(run.res.size)
         res = run.res
@@ -727,9 +825,10 @@ def _resolve(v: Any, objects: dict[str, Any], hostmod: Any) -> Any:
         if set(v) == {"$int"}:
             return int(v["$int"], 0) if isinstance(v["$int"], str) else int(v["$int"])
         if "$new" in v:
-            cls = getattr(hostmod, str(v["$new"]), None)
+            name = str(v["$new"])
+            cls = getattr(hostmod, name, None) if name in hostmod.__all__ else None
             if cls is None or not isinstance(cls, type):
-                raise ValueError(f"$new: vtd_emu.host has no class {v['$new']!r}")
+                raise ValueError(f"$new: vtd_emu.host exports no class {name!r}")
             return cls(**{k: _resolve(x, objects, hostmod) for k, x in v.items() if k != "$new"})
         return {k: _resolve(x, objects, hostmod) for k, x in v.items()}
     return v

@@ -18,11 +18,12 @@ from typing import Any
 
 from ..vtd.faults import reason_name
 from .model import DmaBlock, Event, Trace
-from .replay import DESC_TYPE_NAMES, Replayer
+from ..spec.loader import specs
+from .replay import DESC_TYPE_NAMES, Replayer, descriptor_type
 
 _PID = 1
 TID_FAULTS, TID_INV, TID_PRQ, TID_MMIO = 1 << 20, (1 << 20) + 1, (1 << 20) + 2, (1 << 20) + 3
-_CCMD = 0x28
+_CCMD = specs().registers["CCMD"].resolve_offset(0, 0)  # fixed; the IOTLB registers move with ECAP.IRO
 
 
 def build_timeline(trace: Trace, *, profile: str | None = None, batch: bool = True) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def _event(ev: Event, ts: int, out: list[dict[str, Any]], sids: set[int], instan
                     {"event": ts, "sid": hex(sid), "iova": hex(f["iova"])})
     elif op == "qi_submit":
         for d in f["descriptors"]:
-            t = (d[0] & 0xF) | ((d[0] >> 9) & 7) << 4
+            t = descriptor_type(d[0])
             instant(TID_INV, DESC_TYPE_NAMES.get(t, f"type {t:#x}"), ts,
                     {"event": ts, "qwords": [hex(q) for q in d]})
     elif op == "mmio_write":

@@ -33,6 +33,11 @@ What becomes what:
 
 The log does not contain guest memory: give the RAM image (``--ram``, e.g. from ``pmemsave``) so the
 translation structures exist when the trace replays.
+
+Everything the import writes is what ``replay`` accepts: a logged value that does not fit the trace field
+it becomes (a 32-bit number as a 16-bit source id, an access size of 3) is a
+:class:`~vtd_emu.errors.TraceError` naming the log file and line, and so is a log with no VT-d trace line
+at all (the wrong file, or QEMU started without ``-trace 'vtd_*'``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TraceError
-from .model import Event, Trace, TraceConfig
+from ..spec.consts import FRCD, GSTS, IQA, RTADDR
+from ..spec.loader import specs
+from ..trace.model import Event, Trace, TraceConfig, event_to_dict, parse_event
 
 # name -> (format text, first QEMU version printing it); transcribed from qemu-model.md §6.2.
 EVENTS: dict[str, tuple[str, str]] = {
@@ -259,9 +266,29 @@ def _iso_seconds(stamp: str) -> float:
 
 # -- conversion ----------------------------------------------------------------------------------------
 
-_RTADDR, _GSTS, _GCMD, _IQT, _IQA = 0x20, 0x1C, 0x18, 0x88, 0x90
-_TES, _QIES, _IRES = 1 << 31, 1 << 26, 1 << 25
-_RTADDR_CHECKED = 0xFFFF_FFFF_FFFF_FC00   # address and TTM
+
+# Fixed offsets (the CAP/ECAP values only place the FRCD and IOTLB registers).
+_RTADDR, _GSTS, _IQA = (specs().registers[n].resolve_offset(0, 0) for n in ("RTADDR", "GSTS", "IQA"))
+_TES, _QIES, _IRES = GSTS.TES, GSTS.QIES, GSTS.IRES
+_RTADDR_CHECKED = RTADDR.RTA | RTADDR.TTM   # what vtd_reg_dmar_root tells: the address and the mode
+_FRCD_F = FRCD.qword("F")[1]                # F in the record's high qword
+_U64 = (1 << 64) - 1
+
+# Widths of the logged fields that become trace fields: a value beyond them is not something QEMU prints,
+# and would make a trace replay refuses.
+_WIDTHS: dict[str, dict[str, int]] = {
+    "vtd_inv_desc": {"lo": 64, "hi": 64},
+    "vtd_reg_write": {"addr": 32, "size": 4, "val": 64},
+    "vtd_reg_read": {"addr": 32, "size": 4},
+    "vtd_reg_dmar_root": {"addr": 64, "scalable": 1},
+    "vtd_inv_qi_enable": {"enable": 1},
+    "vtd_dmar_enable": {"en": 1},
+    "vtd_ir_enable": {"en": 1},
+    "vtd_dmar_translate": {"bus": 8, "slot": 5, "func": 3, "iova": 64, "gpa": 64, "mask": 64},
+    "vtd_translate_pt": {"sid": 16, "addr": 64},
+    "vtd_dmar_fault": {"sid": 16, "fault": 8, "addr": 64, "is_write": 1},
+    "vtd_frr_new": {"index": 16, "hi": 64, "lo": 64},
+}
 _INFORMATIONAL = {
     "vtd_inv_qi_setup", "vtd_inv_qi_head", "vtd_inv_qi_tail", "vtd_inv_qi_fetch", "vtd_context_cache_reset",
     "vtd_pasid_cache_reset", "vtd_re_not_present", "vtd_ce_not_present", "vtd_iotlb_cc_hit", "vtd_iotlb_cc_update",
@@ -283,10 +310,11 @@ _INV_DETAIL = {"vtd_inv_desc_cc_domain", "vtd_inv_desc_cc_global", "vtd_inv_desc
 
 
 class _Converter:
-    def __init__(self, file: str, frcd_base: int) -> None:
+    def __init__(self, file: str, frcd_base: int, frcd_count: int) -> None:
         self.file = file
         self.events: list[Event] = []
         self.frcd_base = frcd_base
+        self.frcd_count = frcd_count
         self.last_reg: Event | None = None        # the register write QEMU's reactions belong to
         self.last_reg_pos = 0
         self.last_dma: Event | None = None
@@ -314,9 +342,9 @@ class _Converter:
         if not self.pending_desc or self.last_reg is None:
             self.pending_desc.clear()
             return
-        base = self.iqa & ~0xFFF
-        slot = 32 if (self.iqa >> 11) & 1 else 16
-        qbytes = 4096 << (self.iqa & 7)
+        base = self.iqa & IQA.IQA
+        slot = 32 if self.iqa & IQA.DW else 16
+        qbytes = 4096 << (self.iqa & IQA.QS)
         idx = self.last_reg_pos
         ins: list[Event] = []
         for lo, hi in self.pending_desc:
@@ -329,7 +357,25 @@ class _Converter:
         self.last_reg_pos += len(ins)
         self.pending_desc.clear()
 
+    def _bad(self, ev: LogEvent, what: str) -> TraceError:
+        return TraceError(self.file, f"line {ev.line}", f"{ev.name}: {what}")
+
+    def _validate(self, ev: LogEvent) -> None:
+        for k, bits in _WIDTHS.get(ev.name, {}).items():
+            v = ev.args[k]
+            if v < 0 or v >> bits:
+                raise self._bad(ev, f"{k} {v:#x} does not fit: expected a {bits}-bit value")
+        a = ev.args
+        if ev.name in ("vtd_reg_write", "vtd_reg_read") and a["size"] not in (1, 2, 4, 8):
+            raise self._bad(ev, f"size {a['size']:#x}: expected an access size of 1, 2, 4 or 8 bytes")
+        if ev.name == "vtd_reg_write" and a["val"] >> (8 * a["size"]):
+            raise self._bad(ev, f"value {a['val']:#x} does not fit a {a['size']}-byte access")
+        if ev.name == "vtd_frr_new" and a["index"] >= self.frcd_count:
+            raise self._bad(ev, f"index {a['index']}: expected 0..{self.frcd_count - 1} (this unit has "
+                                f"{self.frcd_count} fault recording registers)")
+
     def feed(self, ev: LogEvent) -> None:
+        self._validate(ev)
         name, a, where = ev.name, ev.args, f"log line {ev.line}"
         s = self.s
         if name == "vtd_inv_desc":
@@ -370,7 +416,7 @@ class _Converter:
             s.converted[name] += 1
             return
         if name == "vtd_reg_dmar_root" and self.last_reg is not None:
-            self._expect_reg(self.last_reg, _RTADDR, a["addr"] | (a["scalable"] << 10), _RTADDR_CHECKED)
+            self._expect_reg(self.last_reg, _RTADDR, a["addr"] | a["scalable"] << RTADDR.TTM_LO, _RTADDR_CHECKED)
             s.converted[name] += 1
             return
         if name == "vtd_dmar_enable" and self.last_reg is not None:
@@ -392,9 +438,9 @@ class _Converter:
             return
         if name == "vtd_frr_new" and self.last_dma is not None:
             off = self.frcd_base + 16 * a["index"]
-            self._expect_reg(self.last_dma, off, a["lo"], 0xFFFF_FFFF_FFFF_FFFF)
+            self._expect_reg(self.last_dma, off, a["lo"], _U64)
             # QEMU prints the record before it sets F (bit 127 of the FRCD), which it always does next.
-            self._expect_reg(self.last_dma, off + 8, a["hi"] | 1 << 63, 0xFFFF_FFFF_FFFF_FFFF)
+            self._expect_reg(self.last_dma, off + 8, a["hi"] | _FRCD_F, _U64)
             s.converted[name] += 1
             return
         s.informational[name] += 1
@@ -425,6 +471,13 @@ class _Converter:
 
     def finish(self) -> list[Event]:
         self._flush_desc()
+        for e in self.events:
+            # The events go through the trace loader's own checks, so an import never writes what replay
+            # would refuse; what was wrong is told against the log line the event came from.
+            try:
+                parse_event(event_to_dict(e), self.file, e.where)
+            except TraceError as exc:
+                raise TraceError(self.file, e.where.removeprefix("log "), exc.message) from None
         return self.events
 
 
@@ -447,6 +500,12 @@ def import_log(path: str | Path, *, ram: str | Path | None = None, out: str | Pa
     except OSError as exc:
         raise TraceError(str(p), "", f"cannot read: {exc.strerror}") from None
     evs, summary = parse_log(text, str(p))
+    if not evs:
+        raise TraceError(str(p), "", f"no VT-d trace line in {summary.lines} line(s): expected QEMU "
+                                     "-trace 'vtd_*' output such as 'PID@SEC.USEC:vtd_reg_write addr 0x20 "
+                                     "size 0x8 value 0x100000'")
+    if ram_size is not None and not 1 <= ram_size <= 1 << 64:
+        raise TraceError(str(p), "ram_size", f"expected a memory size in 1..2**64 bytes, got {ram_size}")
     if preset is not None and qemu is not None:
         raise TraceError(str(p), "", "give QEMU options or a preset, not both")
     opts = dict(qemu or {})
@@ -457,11 +516,10 @@ def import_log(path: str | Path, *, ram: str | Path | None = None, out: str | Pa
         cfg = TraceConfig(preset=None, qemu=opts, profile=profile)
     else:
         cfg = TraceConfig(preset=preset, profile=profile)
-    from .replay import unit_config
+    from ..trace.replay import unit_config
 
     vc = unit_config(cfg, None, str(p))
-    frcd_base = vc.cap_field("FRO") * 16
-    conv = _Converter(str(p), frcd_base)
+    conv = _Converter(str(p), vc.cap_field("FRO") * 16, vc.cap_field("NFR") + 1)
     for e in evs:
         conv.feed(e)
     events = conv.finish()
@@ -484,6 +542,9 @@ def import_log(path: str | Path, *, ram: str | Path | None = None, out: str | Pa
                 ram_size = _image_size(rp)
             except OSError as exc:
                 raise TraceError(str(rp), "", f"cannot read RAM image: {exc.strerror}") from None
+            if not 1 <= ram_size <= 1 << 64:
+                raise TraceError(str(rp), "", f"a RAM image of {ram_size} bytes: expected 1..2**64 bytes "
+                                              "(give --ram-size)")
     else:
         s.notes.append("no RAM image: the translation structures are not in the log, so DMA expectations "
                        "only hold if the trace gets memory some other way")

@@ -1,6 +1,6 @@
-"""Live differential recording against QEMU 7.2's ``intel-iommu``: run ``vtd-oracle-scenario/1`` steps on a
-real ``qemu-system-x86_64`` and fill in QEMU's answers (``expect``), exactly like the scenarios of
-``shared/qemu-oracle`` (see its README for the format).
+"""Test harness (not part of the library): live differential recording against QEMU 7.2's ``intel-iommu``:
+run ``vtd-oracle-scenario/1`` steps on a real ``qemu-system-x86_64`` and fill in QEMU's answers
+(``expect``), exactly like the scenarios of ``shared/qemu-oracle`` (see its README for the format).
 
 QEMU runs a q35 machine under TCG with 128 MiB of RAM, a firmware that only halts, ``-device
 intel-iommu,<options>`` and four ``edu`` devices: A = 00:02.0, B = 00:02.1, C = 00:10.0 and D = bus_d:00.0
@@ -37,6 +37,11 @@ What is recorded (the oracle's conventions):
 
 A write DMA landing anywhere else (somewhere no entry ever pointed to) would go unnoticed: the diff does
 not cover all 128 MiB.
+
+``tests/test_qemu_live.py`` uses it, and ``scripts/qemu_capture.py`` (with the repository root on
+``sys.path``); ``python tests/qemu_harness.py IN.jsonl -o OUT.jsonl`` records QEMU's answers for a file of
+scenarios.  The recorded files replay with ``vtd-emu replay --check`` (see
+:mod:`vtd_emu.importers.qemu_scenario`).
 """
 
 from __future__ import annotations
@@ -53,10 +58,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..errors import TraceError, VtdEmuError
+from vtd_emu.errors import TraceError, VtdEmuError
+from vtd_emu.spec.consts import FRCD, GCMD, GSTS, INV_WAIT
+from vtd_emu.spec.loader import specs
+from vtd_emu.trace.model import ORACLE_FORMAT
+from vtd_emu.vtd.qi import T_WAIT
 
 QEMU_BINARY = "qemu-system-x86_64"
-FORMAT = "vtd-oracle-scenario/1"
+FORMAT = ORACLE_FORMAT
 
 VTD_BASE = 0xFED9_0000
 RAM_SIZE = 128 << 20
@@ -67,12 +76,24 @@ EDU_CMD_RUN, EDU_CMD_TO_RAM = 1, 2
 SCRATCH = 0x1_0000              # guest RAM used (then zeroed) to load the edu buffers before step 0
 ROOT_PORT_BDF = (0, 3, 0)
 
-FSTS, FECTL, GCMD, FRCD0_LO, FRCD0_HI = 0x34, 0x38, 0x18, 0x220, 0x228
+
+
+def _off(name: str) -> int:
+    """Offset of a register at a fixed place (only FRCD and the IOTLB registers move with CAP/ECAP)."""
+    return specs().registers[name].resolve_offset(0, 0)
+
+
+FSTS, FECTL, GCMD_OFF, GSTS_OFF, IQT = _off("FSTS"), _off("FECTL"), _off("GCMD"), _off("GSTS"), _off("IQT")
+# QEMU 7.2 places them so: CAP.FRO = 0x22 (one FRCD), ECAP.IRO = 0xf.
+FRCD0_LO, FRCD0_HI, IVA, IOTLB_REG = 0x220, 0x228, 0xF0, 0xF8
 DMA_REGS = ((FSTS, 4), (FECTL, 4), (FRCD0_LO, 8), (FRCD0_HI, 8))
-RESET_REGS = ((0x0, 4), (0x8, 8), (0x10, 8), (0x1C, 4), (FSTS, 4), (FECTL, 4), (0xA0, 4))
-FINAL_REGS = ((0x0, 4), (0x8, 8), (0x10, 8), (0x1C, 4), (0x20, 8), (0x28, 8), (FSTS, 4), (FECTL, 4), (0x3C, 4),
-              (0x40, 4), (0x44, 4), (0x64, 4), (0x80, 8), (0x88, 8), (0x90, 8), (0x9C, 4), (0xA0, 4), (0xA4, 4),
-              (0xA8, 4), (0xAC, 4), (0xB8, 8), (0xF0, 8), (0xF8, 8), (FRCD0_LO, 8), (FRCD0_HI, 8))
+RESET_REGS = tuple((_off(n), s) for n, s in (("VER", 4), ("CAP", 8), ("ECAP", 8), ("GSTS", 4), ("FSTS", 4),
+                                             ("FECTL", 4), ("IECTL", 4)))
+FINAL_REGS = tuple((_off(n), s) for n, s in (
+    ("VER", 4), ("CAP", 8), ("ECAP", 8), ("GSTS", 4), ("RTADDR", 8), ("CCMD", 8), ("FSTS", 4), ("FECTL", 4),
+    ("FEDATA", 4), ("FEADDR", 4), ("FEUADDR", 4), ("PMEN", 4), ("IQH", 8), ("IQT", 8), ("IQA", 8), ("ICS", 4),
+    ("IECTL", 4), ("IEDATA", 4), ("IEADDR", 4), ("IEUADDR", 4), ("IRTA", 8))) + (
+    (IVA, 8), (IOTLB_REG, 8), (FRCD0_LO, 8), (FRCD0_HI, 8))
 
 # oracle config.iommu key -> QEMU intel-iommu property
 IOMMU_PROPS = {
@@ -463,11 +484,15 @@ def _int(v: Any) -> int:
 
 def decode_frcd(lo: int, hi: int) -> dict[str, Any] | None:
     """The oracle's ``frcd0`` decode of FRCD0 (low, high qwords); None when F is clear."""
-    if not hi >> 63 & 1:
+    v = hi << 64 | lo
+
+    def field(name: str) -> int:
+        return (v & getattr(FRCD, name)) >> getattr(FRCD, name + "_LO")
+
+    if not field("F"):
         return None
-    return {"F": 1, "type": "read" if hi >> 62 & 1 else "write", "reason": hex(hi >> 32 & 0xFF),
-            "sid": hex(hi & 0xFFFF), "pasid_present": hi >> 31 & 1, "pasid": hex(hi >> 40 & 0xFFFFF),
-            "fault_addr": hex(lo & ~0xFFF)}
+    return {"F": 1, "type": "read" if field("T") else "write", "reason": hex(field("FR")), "sid": hex(field("SID")),
+            "pasid_present": field("PP"), "pasid": hex(field("PV")), "fault_addr": hex(v & FRCD.FI)}
 
 
 def _runs(changed: dict[int, int]) -> list[dict[str, str]]:
@@ -524,7 +549,7 @@ class _Shadow:
                         self.targets.add(a)
         for d in range(addr & ~15, addr + len(data), 16):
             lo = self._qword(d)
-            if lo & 0xF == 5 and not lo >> 9 & 7 and lo >> 5 & 1:
+            if lo & 0xF == T_WAIT and not lo & INV_WAIT.TYPE_HI and lo & INV_WAIT.SW:
                 sa = self._qword(d + 8) & ~3
                 if sa + 4 <= self.ram_size:
                     self.status.add(sa)
@@ -786,7 +811,7 @@ class QemuRunner:
             return {"value": hex(m.vtd_read(_int(st["off"]), int(st["size"])))}
         if op == "mmio_write":
             off, size = _int(st["off"]), int(st["size"])
-            watch = off <= GCMD < off + size or (off < 0x90 and off + size > 0x88)
+            watch = off <= GCMD_OFF < off + size or (off < IQT + 8 and off + size > IQT)
             if not watch:
                 m.vtd_write(off, _int(st["value"]), size)
                 return {}
@@ -913,7 +938,7 @@ def _attribute(iova: int, length: int, payload: bytes | None, changed: dict[int,
 
 
 class ScenarioRAM:
-    """A guest RAM for the builders (:mod:`vtd_emu.builders`) that turns every write into a ``mem_write``
+    """A guest RAM for the builders (:mod:`vtd_emu.tables`) that turns every write into a ``mem_write``
     step, so page tables built in Python become scenario steps.  Writes that change nothing (zero-filling
     never-written pages) produce no step."""
 
@@ -958,11 +983,13 @@ class ScenarioRAM:
 
 class ScenarioMMIO:
     """The VT-d register block as the builders see it (``mmio_write`` / ``mmio_read``, e.g. for
-    :func:`vtd_emu.builders.enable_translation`), turning every access into a scenario step.  Reads
+    :func:`vtd_emu.tables.enable_translation`), turning every access into a scenario step.  Reads
     return a shadow: GSTS follows the GCMD writes (TE, QIE, IRE, CFI persist; SRTP/SIRTP set RTPS/IRTPS),
     every other register reads 0."""
 
-    _GCMD_PERSIST = 1 << 31 | 1 << 26 | 1 << 25 | 1 << 23
+    # GSTS mirrors GCMD bit for bit: TE, QIE, IRE and CFI stay as written; SRTP and SIRTP latch RTPS, IRTPS.
+    _GCMD_PERSIST = GCMD.TE | GCMD.QIE | GCMD.IRE | GCMD.CFI
+    _LATCHED = GSTS.RTPS | GSTS.IRTPS
 
     def __init__(self, steps: list[dict[str, Any]]) -> None:
         self.steps = steps
@@ -970,20 +997,20 @@ class ScenarioMMIO:
 
     def mmio_write(self, offset: int, value: int, size: int) -> None:
         self.steps.append({"op": "mmio_write", "off": hex(offset), "size": size, "value": hex(value)})
-        if offset == GCMD and size == 4:
-            self.gsts = (value & self._GCMD_PERSIST) | (self.gsts & (1 << 30 | 1 << 24))
-            if value & 1 << 30:
-                self.gsts |= 1 << 30
-            if value & 1 << 24:
-                self.gsts |= 1 << 24
+        if offset == GCMD_OFF and size == 4:
+            self.gsts = (value & self._GCMD_PERSIST) | (self.gsts & self._LATCHED)
+            if value & GCMD.SRTP:
+                self.gsts |= GSTS.RTPS
+            if value & GCMD.SIRTP:
+                self.gsts |= GSTS.IRTPS
 
     def mmio_read(self, offset: int, size: int) -> int:
         self.steps.append({"op": "mmio_read", "off": hex(offset), "size": size})
-        return self.gsts if offset == 0x1C else 0
+        return self.gsts if offset == GSTS_OFF else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vtd_emu.trace.qemu_live IN.jsonl -o OUT.jsonl``: record QEMU's answers for every scenario."""
+    """``python tests/qemu_harness.py IN.jsonl -o OUT.jsonl``: record QEMU's answers for every scenario."""
     import argparse
     import json
     import sys
@@ -1000,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
         docs = [json.loads(line) for line in args.input.read_text().splitlines() if line.strip()]
         out = [runner.record(d) for d in docs]
     except (VtdEmuError, OSError, ValueError) as exc:
-        print(f"qemu_live: {exc}", file=sys.stderr)
+        print(f"qemu_harness: {exc}", file=sys.stderr)
         return 1
     args.output.write_text("".join(json.dumps(d, separators=(",", ":")) + "\n" for d in out))
     print(f"recorded {len(out)} scenario(s) -> {args.output}")

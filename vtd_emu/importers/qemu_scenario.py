@@ -1,0 +1,208 @@
+"""QEMU reference scenarios (``vtd-oracle-scenario/1``, see ``shared/qemu-oracle/README.md``) as traces.
+
+Each scenario line becomes one :class:`~vtd_emu.trace.model.Trace` on the QEMU options it names, whose
+events carry QEMU's recorded answers as expectations, so the trace replay engine
+(:class:`~vtd_emu.trace.replay.Replayer`) compares every one of them:
+
+* ``config.registers_at_reset`` → a ``note`` event expecting those ``regs`` before anything runs;
+* ``mem_write`` / ``mem_read`` / ``mmio_read`` → the same events (``hex`` and ``value`` expected);
+* ``mmio_write`` → ``mmio_write`` expecting its ``mem_changes`` (invalidation-wait status writes);
+* ``dma`` → ``dma`` expecting the ``regs`` QEMU read right after it and, for writes, its ``mem_changes``;
+  a write-back (``data_from_step``) becomes ``data_from`` (the event number of that read);
+* a step on which QEMU aborted (``qemu_crashed``) → the same event expecting that it ``raises`` an
+  invalidation queue error (FSTS.IQE, ICE or ITE): the architectural answer to the input that crashed
+  QEMU.  Nothing after it is replayed, as nothing after it was recorded;
+* ``final.regs`` → a ``note`` event expecting those ``regs`` at the end.
+
+QEMU's other annotations (``completed``, ``landed``/``not_landed``, ``frcd0``, the observed ``data``) are
+derived from those answers and not compared again.  A scenario whose options QEMU refused
+(``qemu.start_error``) has no events: :func:`replay_scenario` then requires the unit to refuse them too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import TraceError
+from ..spec.consts import FSTS
+from ..spec.loader import specs
+from ..trace.model import ORACLE_FORMAT, DmaBlock, Event, Trace, parse_config, parse_event
+from ..trace.replay import Mismatch, Replayer, ReplayResult, unit_config
+
+FORMAT = ORACLE_FORMAT
+RAM_SIZE = 128 << 20
+"""Guest RAM of a scenario that does not give ``config.ram_size`` (the harness machine's)."""
+
+_FSTS = specs().registers["FSTS"].resolve_offset(0, 0)  # a fixed offset: CAP/ECAP do not move it
+_IQ_ERRORS = FSTS.IQE | FSTS.ICE | FSTS.ITE
+
+
+@dataclass(slots=True)
+class Scenario:
+    """One scenario of a file: its ``trace``, and ``start_error`` when QEMU refused its options."""
+
+    id: str
+    file: str
+    line: int
+    steps: int
+    trace: Trace
+    start_error: str | None = None
+
+
+def _mapping(v: Any, file: str, where: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise TraceError(file, where, f"expected a mapping, got {type(v).__name__}")
+    return v
+
+
+def _changes(v: Any, file: str, where: str) -> list[dict[str, Any]]:
+    """``[{gpa, hex}]`` runs as the trace's ``[{addr, hex}]``."""
+    if not isinstance(v, list) or not all(isinstance(r, dict) and set(r) == {"gpa", "hex"} for r in v):
+        raise TraceError(file, where, "mem_changes: expected a list of {gpa, hex}")
+    return [{"addr": r["gpa"], "hex": r["hex"]} for r in v]
+
+
+def _step_event(step: dict[str, Any], exp: dict[str, Any], event_of_step: dict[int, int], file: str,
+                where: str) -> dict[str, Any]:
+    """The trace event (as a mapping for :func:`parse_event`) of a step, with the answers in ``exp``."""
+    op = step.get("op")
+    note = step.get("note")
+    expect: dict[str, Any] = {}
+    try:
+        if op == "mem_write":
+            d: dict[str, Any] = {"op": op, "addr": step["gpa"]}
+            if "qwords" in step:
+                d["qwords"] = step["qwords"]
+            else:
+                d["hex"] = step["hex"]
+        elif op == "mem_read":
+            d = {"op": op, "addr": step["gpa"], "len": step["len"]}
+            if "hex" in exp:
+                expect["hex"] = exp["hex"]
+        elif op == "mmio_write":
+            d = {"op": op, "offset": step["off"], "value": step["value"], "size": step["size"]}
+            if "mem_changes" in exp:
+                expect["mem_changes"] = _changes(exp["mem_changes"], file, f"{where} expect")
+        elif op == "mmio_read":
+            d = {"op": op, "offset": step["off"], "size": step["size"]}
+            if "value" in exp:
+                expect["value"] = exp["value"]
+        elif op == "dma":
+            d = {"op": op, "sid": step["sid"], "iova": step["iova"], "len": step["len"], "dir": step["dir"]}
+            if step["dir"] == "write":
+                if "data_from_step" in step:
+                    k = step["data_from_step"]
+                    if not isinstance(k, int) or k not in event_of_step:
+                        raise TraceError(file, f"{where} field 'data_from_step'",
+                                         f"expected the number of an earlier read DMA step, got {k!r}")
+                    d["data_from"] = event_of_step[k]
+                else:
+                    d["data"] = step.get("data", "")
+                if "mem_changes" in exp:
+                    expect["mem_changes"] = _changes(exp["mem_changes"], file, f"{where} expect")
+            if exp.get("regs"):
+                expect["regs"] = exp["regs"]
+        else:
+            raise TraceError(file, where, f"unknown op {op!r}; expected mem_write, mem_read, mmio_write, "
+                                          "mmio_read or dma")
+    except KeyError as exc:
+        raise TraceError(file, f"{where} ({op})", f"missing field {exc.args[0]!r}") from None
+    if exp.get("qemu_crashed"):
+        expect["raises"] = {_FSTS: _IQ_ERRORS}
+    if expect:
+        d["expect"] = expect
+    if note is not None:
+        d["note"] = str(note)
+    return d
+
+
+def scenario_trace(doc: Any, file: str = "<scenario>", line: int = 0) -> Scenario:
+    """One scenario (a decoded JSON object) as a :class:`Scenario`; errors name ``file``, the line and
+    the step."""
+    at = f"line {line}" if line else "scenario"
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise TraceError(file, at, f"expected an object with format {FORMAT!r}")
+    sid = str(doc.get("id", "?"))
+    cfg = _mapping(doc.get("config"), file, f"{at} config")
+    iommu = _mapping(cfg.get("iommu"), file, f"{at} config.iommu")
+    tcfg = parse_config({"qemu": dict(iommu), "ram_size": cfg.get("ram_size", RAM_SIZE)}, file, f"{at} config")
+    steps = doc.get("steps") or []
+    if not isinstance(steps, list):
+        raise TraceError(file, f"{at} steps", "expected a list of steps")
+    raw: list[tuple[dict[str, Any], str]] = []
+    reset = _mapping(cfg.get("registers_at_reset"), file, f"{at} config.registers_at_reset")
+    if reset:
+        raw.append(({"op": "note", "text": "registers at reset, as QEMU read them", "expect": {"regs": reset}},
+                    f"{at} config.registers_at_reset"))
+    event_of_step: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        where = f"{at} step {i}"
+        if not isinstance(step, dict):
+            raise TraceError(file, where, "expected a step mapping with 'op'")
+        exp = step.get("expect")
+        if exp is None:
+            break  # QEMU stopped before this step: nothing of it or after it was recorded
+        exp = _mapping(exp, file, f"{where} expect")
+        d = _step_event(step, exp, event_of_step, file, where)
+        if d["op"] == "dma" and d["dir"] == "read":
+            event_of_step[i] = len(raw)
+        raw.append((d, where))
+        if exp.get("qemu_crashed"):
+            break
+    final = doc.get("final")
+    if isinstance(final, dict) and isinstance(final.get("regs"), dict) and final["regs"]:
+        raw.append(({"op": "note", "text": "final registers, as QEMU read them", "expect": {"regs": final["regs"]}},
+                    f"{at} final.regs"))
+    events: list[Event | DmaBlock] = [parse_event(d, file, where) for d, where in raw]
+    qemu = _mapping(doc.get("qemu"), file, f"{at} qemu")
+    start_error = qemu.get("start_error")
+    desc = doc.get("description", "")
+    trace = Trace(tcfg, events, sid, desc if isinstance(desc, str) else "", file)
+    return Scenario(sid, file, line, len(steps), trace, str(start_error) if start_error else None)
+
+
+def load_scenarios(path: str | Path) -> list[Scenario]:
+    """Every scenario of a ``.jsonl`` scenario file, in order."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise TraceError(str(p), "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TraceError(str(p), "", "not a text file") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TraceError(str(p), f"line {n}", f"invalid JSON: {exc.msg}") from None
+        out.append(scenario_trace(doc, str(p), n))
+    return out
+
+
+def replay_scenario(sc: Scenario, *, profile: str | None = "qemu-7.2", batch: bool = True) -> ReplayResult:
+    """Replay ``sc`` on the unit QEMU's options give (under ``profile``).  A scenario QEMU refused to start
+    checks one answer, that the unit refuses the options too (``refused`` says why it did)."""
+    at = f"line {sc.line}" if sc.line else "scenario"
+    try:
+        unit_config(sc.trace.config, profile, sc.file)
+    except TraceError as exc:
+        if sc.start_error is None:
+            raise TraceError(sc.file, at, f"bad configuration: {exc.message}") from None
+        return ReplayResult(sc.id, sc.file, 0, checks=1, refused=f"refused as QEMU does: {exc.message}")
+    if sc.start_error is not None:
+        res = ReplayResult(sc.id, sc.file, 0, checks=1)
+        res.mismatches.append(Mismatch(0, "config", f"{at} config.iommu", "QEMU refused these options "
+                                       f"({sc.start_error}); the unit must refuse them too", "refused", "accepted"))
+        return res
+    return Replayer(sc.trace, profile=profile, batch=batch).run()
+
+
+__all__ = ["FORMAT", "RAM_SIZE", "Scenario", "scenario_trace", "load_scenarios", "replay_scenario"]
