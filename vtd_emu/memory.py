@@ -47,6 +47,8 @@ class HostRAM:
     __slots__ = ("size", "_rows", "_pool", "_q", "_b", "_used", "_pfn_index", "generation", "watch")
 
     def __init__(self, size: int | None = None, *, initial_pages: int = 64) -> None:
+        """``size`` is 1..2**64 bytes (None: 2**64); anything else raises ValueError, since no memory can
+        have it (callers taking a size from a user validate it first and report it their way)."""
         if size is None:
             size = _ADDR_LIMIT
         if size <= 0 or size > _ADDR_LIMIT:
