@@ -1,6 +1,6 @@
 """Tests of the spec loader (specs/*.yaml -> compiled layouts) and its construct codec.
 
-Expected values are written out by hand from /work/shared/reference/vtd-facts.md, never derived from the
+Expected values are written out by hand from the VT-d fact sheet (vtd-facts.md), never derived from the
 YAML under test.
 """
 

@@ -1,4 +1,12 @@
-"""The ``vtd-emu`` command.  Bad input (files, arguments) prints one line and exits 2."""
+"""The ``vtd-emu`` command.
+
+Exit status: 0 success; 1 a translation faulted (``walk``), an expectation differed (``replay --check``)
+or the sanitizer found a stale translation; 2 bad input (a file, an argument, a damaged specs directory),
+reported as one line on stderr naming the file and position, with no output file left behind.
+
+The library is imported inside :func:`main`'s error handling, never at module import: the chip compiles
+``specs/*.yaml`` when it is first imported, and a damaged specs directory must be one line too.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +14,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TextIO
 
+from . import __version__
 from .errors import VtdEmuError
-from .memory import HostRAM
-from .spec import specs
-from .vtd.access import EXEC, PRIV, READ, WRITE
-from .vtd.config import VtdConfig, preset_names, profile_names
-from .vtd.dump import Leaves, leaves, merge, nested_leaves, perm_text
-from .vtd.faults import reason_name
-from .vtd.iommu import Fault, Translation, VtdIommu, allowed_text
-from .vtd.walk import FS_NAMES, SS_CODES_SM, SS_NAMES, Geometry, canonical, fs_walk, ss_walk
+from .outfile import replacing, replacing_text
 
+if TYPE_CHECKING:
+    from .memory import HostRAM
+    from .vtd.config import VtdConfig
+    from .vtd.dump import Leaves
+    from .vtd.walk import Geometry
 
 class UsageError(VtdEmuError, ValueError):
-    pass
+    """A bad command line (argument, combination of options)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,11 +37,63 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+class _LazyNames:
+    """argparse ``choices`` whose names come from the specs, read on first use, not when the parser is
+    built: ``vtd-emu --version`` and the usage line work even when the specs cannot be loaded."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._names = names
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
+def _preset_names() -> list[str]:
+    from .vtd.config import preset_names
+
+    return preset_names()
+
+
+def _profile_names() -> list[str]:
+    from .vtd.config import profile_names
+
+    return profile_names()
+
+
+PRESETS = _LazyNames(_preset_names)
+PROFILES = _LazyNames(_profile_names)
+
+
 def _num(text: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number like 0x1000 or 4096, got {text!r}") from None
+
+
+def _ranged(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    """An argument type: a number in lo..hi (inclusive), else a one-line error saying the range."""
+
+    def parse(text: str) -> int:
+        n = _num(text)
+        if not lo <= n <= hi:
+            span = f"{lo}..{hi}" if hi < 1024 else f"{lo:#x}..{hi:#x}"
+            raise argparse.ArgumentTypeError(f"expected {what} in {span}, got {text}")
+        return n
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+_U64_MAX = (1 << 64) - 1
+_addr = _ranged(0, _U64_MAX, "a 64-bit address")
+_sid = _ranged(0, 0xFFFF, "a 16-bit requester id")
+_pasid = _ranged(0, 0xFFFFF, "a 20-bit PASID")
+_ram_size = _ranged(1, 1 << 64, "a memory size in bytes")
+_levels = _ranged(2, 5, "a number of paging levels")
 
 
 def _load_ram(args: argparse.Namespace) -> HostRAM:
@@ -44,10 +103,25 @@ def _load_ram(args: argparse.Namespace) -> HostRAM:
 
 
 def _config(args: argparse.Namespace) -> VtdConfig:
+    from .vtd.config import VtdConfig
+
     return VtdConfig.preset(args.preset, profile=args.profile)
 
 
+def _bare_levels(stage: str, levels: int | None) -> int:
+    """Paging levels of a bare table given with --fs-root/--ss-root (default 4)."""
+    if levels is None:
+        return 4
+    if stage == "fs" and levels not in (4, 5):
+        raise UsageError("--levels for a first-stage table is 4 or 5")
+    if stage == "ss" and levels not in (2, 3, 4, 5):
+        raise UsageError("--levels for a second-stage table is 2 to 5")
+    return levels
+
+
 def _entry_layout(stage: str, level: int, value: int) -> str:
+    from .vtd.walk import FS_NAMES, SS_NAMES
+
     names = SS_NAMES if stage == "ss" else FS_NAMES
     table, leaf = names[level]
     is_leaf = level == 1 or (level <= 3 and value & 0x80)
@@ -55,6 +129,8 @@ def _entry_layout(stage: str, level: int, value: int) -> str:
 
 
 def _describe_step(name: str, level: int, addr: int, value: int | tuple[int, ...]) -> str:
+    from .spec import specs
+
     if name in ("ss", "fs"):
         assert isinstance(value, int)
         lay = _entry_layout(name, level, value)
@@ -72,23 +148,44 @@ def _describe_step(name: str, level: int, addr: int, value: int | tuple[int, ...
 
 
 def _req(access: str, priv: bool, exe: bool) -> int:
+    from .vtd.access import EXEC, PRIV, READ, WRITE
+
     bits = (READ if "r" in access else 0) | (WRITE if "w" in access else 0)
     if set(access) - set("rw") or not bits:
         raise UsageError(f"--access must be r, w or rw, got {access!r}")
     return bits | (PRIV if priv else 0) | (EXEC if exe else 0)
 
 
+def _program_root(io: Any, args: argparse.Namespace) -> None:
+    """RTADDR and SRTP through MMIO, as a driver would (scalable mode: RTADDR.TTM = 01)."""
+    from .spec.consts import GCMD
+
+    ttm_scalable = 1 << 10
+    io.mmio_write(0x20, args.rtaddr | (ttm_scalable if args.scalable else 0), 8)
+    io.mmio_write(0x18, GCMD.SRTP)
+
+
 def cmd_walk(args: argparse.Namespace, out: TextIO) -> int:
-    ram = _load_ram(args)
-    cfg = _config(args)
+    from .spec.consts import FR, GCMD
+    from .vtd.dump import perm_text
+    from .vtd.faults import reason_name
+    from .vtd.iommu import Fault, Translation, VtdIommu, allowed_text
+    from .vtd.walk import SS_CODES_SM, Geometry, canonical, fs_walk, ss_walk
+
     req = _req(args.access, args.priv, args.exe)
     if args.rtaddr is not None:
         if args.sid is None:
             raise UsageError("--rtaddr needs --sid")
+        if (args.priv or args.exe) and args.pasid is None:
+            raise UsageError("--priv and --exe are attributes of a request with PASID: give --pasid")
+        if args.levels is not None:
+            raise UsageError("--levels is for a bare table (--fs-root, --ss-root); a device's entries give theirs")
+    ram = _load_ram(args)
+    cfg = _config(args)
+    if args.rtaddr is not None:
         io = VtdIommu(ram, cfg)
-        io.mmio_write(0x20, args.rtaddr | (1 << 10 if args.scalable else 0), 8)
-        io.mmio_write(0x18, 1 << 30)
-        io.mmio_write(0x18, 1 << 31)
+        _program_root(io, args)
+        io.mmio_write(0x18, GCMD.TE)
         rep = io.walk(args.sid, args.iova, args.access, pasid=args.pasid, priv=args.priv, exe=args.exe)
         print(f"walk sid {args.sid:#06x} pasid {args.pasid if args.pasid is not None else '-'} iova {args.iova:#x} "
               f"({args.access}) root {args.rtaddr:#x} {'scalable' if args.scalable else 'legacy'}", file=out)
@@ -99,20 +196,16 @@ def cmd_walk(args: argparse.Namespace, out: TextIO) -> int:
         root, stage = (args.fs_root, "fs") if args.fs_root is not None else (args.ss_root, "ss")
         if root is None:
             raise UsageError("give --rtaddr with --sid, or a bare table with --fs-root or --ss-root")
-        levels = args.levels or 4
+        levels = _bare_levels(stage, args.levels)
         steps: list[Any] = []
         if stage == "fs":
-            if levels not in (4, 5):
-                raise UsageError("--levels for a first-stage table is 4 or 5")
             geo = Geometry.compile("fs", frozenset(), cfg.haw, (True, True))
             if not canonical(args.iova, levels):
-                r: Any = 0x80
+                r: Any = FR.SM_NON_CANONICAL
             else:
                 r = fs_walk(ram.read_u64, lambda a, v: True, root, levels, args.iova, req, geo, 0x3F, None, 0, 0,
                             steps)
         else:
-            if levels not in (2, 3, 4, 5):
-                raise UsageError("--levels for a second-stage table is 2 to 5")
             geo = Geometry.compile("ss", frozenset({"SC"}), cfg.haw, (True, True))
             r = ss_walk(ram.read_u64, None, root, levels, args.iova, req, geo, SS_CODES_SM, None, 0, 0, steps)
         print(f"walk {stage} table {root:#x} ({levels} levels) iova {args.iova:#x} ({args.access})", file=out)
@@ -133,25 +226,33 @@ def cmd_walk(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_dump(args: argparse.Namespace, out: TextIO) -> int:
+    from .vtd.dump import leaves, nested_leaves
+
+    if args.fs_root is not None:
+        stage, root, levels = "fs", args.fs_root, _bare_levels("fs", args.levels)
+    elif args.ss_root is not None:
+        stage, root, levels = "ss", args.ss_root, _bare_levels("ss", args.levels)
+    elif args.rtaddr is not None and args.sid is not None:
+        if args.levels is not None:
+            raise UsageError("--levels is for a bare table (--fs-root, --ss-root); a device's entries give theirs")
+        stage, root, levels = "", 0, 0
+    else:
+        raise UsageError("give --fs-root, --ss-root, or --rtaddr with --sid")
     ram = _load_ram(args)
     cfg = _config(args)
-    if args.fs_root is not None:
-        stage, root, levels = "fs", args.fs_root, args.levels or 4
-    elif args.ss_root is not None:
-        stage, root, levels = "ss", args.ss_root, args.levels or 4
-    elif args.rtaddr is not None and args.sid is not None:
+    if not stage:
         stage, root, levels, nested = _device_root(ram, cfg, args)
         if nested is not None:
             lv = nested_leaves(ram, root, levels, nested[0], nested[1], _geometry("fs", cfg), _geometry("ss", cfg))
             _print_mappings(lv, "fs", args.format, args.leaves, out)
             return 0
-    else:
-        raise UsageError("give --fs-root, --ss-root, or --rtaddr with --sid")
     _print_mappings(leaves(ram, root, levels, stage, _geometry(stage, cfg)), stage, args.format, args.leaves, out)
     return 0
 
 
 def _geometry(stage: str, cfg: VtdConfig) -> Geometry:
+    from .vtd.walk import Geometry
+
     # Inspection reports what is mapped: feature-dependent bits (SNP, TM) and every page size are accepted.
     return Geometry.compile(stage, frozenset({"SC", "TM"}) if stage == "ss" else frozenset(), cfg.haw, (True, True))
 
@@ -159,9 +260,11 @@ def _geometry(stage: str, cfg: VtdConfig) -> Geometry:
 def _device_root(ram: HostRAM, cfg: VtdConfig,
                  args: argparse.Namespace) -> tuple[str, int, int, tuple[int, int] | None]:
     """(stage, table root, levels, (second-stage root, levels) for a nested entry) of one device/PASID."""
+    from .vtd.faults import reason_name
+    from .vtd.iommu import VtdIommu
+
     io = VtdIommu(ram, cfg)
-    io.mmio_write(0x20, args.rtaddr | (1 << 10 if args.scalable else 0), 8)
-    io.mmio_write(0x18, 1 << 30)
+    _program_root(io, args)
     ctx = io.context_entry(args.sid, [])
     if isinstance(ctx, int):
         raise UsageError(f"sid {args.sid:#x}: context lookup faults with {ctx & 0xFF:#x} {reason_name(ctx & 0xFF)}")
@@ -185,6 +288,8 @@ def _device_root(ram: HostRAM, cfg: VtdConfig,
 
 
 def _print_mappings(lv: Leaves, stage: str, fmt: str, as_leaves: bool, out: TextIO) -> None:
+    from .vtd.dump import merge, perm_text
+
     if as_leaves:
         rows: list[tuple[int, int, int, int, int, bool]] = [(va, pa, sz, sz, p, r) for va, pa, sz, p, r in lv.rows()]
     else:
@@ -222,6 +327,8 @@ def _progress_printer(path: str, enabled: bool) -> Callable[[int, int], None] | 
 
 def _summary_table(st: Any, out: TextIO) -> None:
     """The human summary of replayed traces (DMAs, bytes, faults, cache hit rates, invalidations)."""
+    from .vtd.faults import reason_name
+
     w = out.write
     faulted = sum(st.faults.values())
     translated = st.chunks - faulted - st.dropped - st.untranslated
@@ -254,81 +361,183 @@ def _summary_table(st: Any, out: TextIO) -> None:
       f"scalar {st.scalar_chunks:,}\n")
 
 
-def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
-    from .importers.qemu_scenario import load_scenarios, replay_scenario
-    from .trace.model import detect_kind, load_trace
-    from .trace.replay import ReplayStats, Replayer
+TRACE_SUFFIXES = (".yaml", ".yml", ".jsonl", ".json", ".npz")
+"""What ``replay DIR`` takes for a trace or scenario file (RAM images and logs beside them are skipped)."""
 
-    total = events = bad = stale = 0
-    summary = []
-    stats = ReplayStats()
-    traces = 0
-    show = args.progress or sys.stderr.isatty()
-    for path in args.files:
-        if detect_kind(path) == "oracle":
-            for sc in load_scenarios(path):
-                res = replay_scenario(sc, profile=args.profile or "qemu-7.2", batch=not args.no_batch)
-                total += 1
-                events += sc.steps
-                if res.refused:
-                    summary.append({"file": path, "id": sc.id, "skipped": res.refused})
-                    continue
-                bad += len(res.mismatches)
-                if args.check:
-                    for m in res.mismatches:
-                        print(f"{path}: {sc.id}: {m}", file=out)
-                summary.append({"file": path, "id": sc.id, "steps": sc.steps, "checks": res.checks,
-                                "mismatches": len(res.mismatches)})
+
+def _replay_inputs(names: Iterable[str]) -> list[str]:
+    """The files named, a directory standing for every trace file under it (sorted, recursively)."""
+    files: list[str] = []
+    for name in names:
+        p = Path(name)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in TRACE_SUFFIXES and f.is_file())
+            if not found:
+                raise UsageError(f"{name}: no trace files ({', '.join(TRACE_SUFFIXES)}) under this directory")
+            files.extend(found)
+        else:
+            files.append(name)
+    return files
+
+
+class _Tally:
+    """What ``replay`` reports over all its files: per-file results, mismatch lines and files that failed."""
+
+    def __init__(self) -> None:
+        self.scenarios = 0
+        self.events = 0
+        self.mismatches = 0
+        self.stale = 0
+        self.traces = 0
+        self.results: list[dict[str, Any]] = []
+        self.failed: list[dict[str, str]] = []
+
+
+def _replay_oracle(path: str, args: argparse.Namespace, tally: _Tally, out: TextIO) -> None:
+    from .importers.qemu_scenario import load_scenarios, replay_scenario
+
+    rows: list[dict[str, Any]] = []
+    scenarios = load_scenarios(path)  # raises before anything is counted
+    for sc in scenarios:
+        res = replay_scenario(sc, profile=args.profile or "qemu-7.2", batch=not args.no_batch)
+        tally.scenarios += 1
+        tally.events += sc.steps
+        if res.refused:
+            rows.append({"file": path, "id": sc.id, "skipped": res.refused})
             continue
-        trace = load_trace(path)
-        r = Replayer(trace, profile=args.profile, batch=not args.no_batch,
-                     progress=_progress_printer(path, show), sanitize=args.sanitize).run()
-        if args.sanitize and r.machine is not None:
-            for h in r.machine.iommu.stale_hits:
-                stale += 1
-                print(f"{path}: stale translation: sid {h.sid:#06x} pasid "
-                      f"{'-' if h.pasid is None else hex(h.pasid)} iova {h.iova:#x} ({h.access}): cached "
-                      f"{_answer(h.cached)}, memory says {_answer(h.fresh)}", file=out)
-        traces += 1
-        total += 1
-        events += r.events
-        bad += len(r.mismatches)
-        if args.check:
-            for mismatch in r.mismatches:
-                print(f"{path}: {mismatch}", file=out)
-        stats.merge(r.stats)
-        summary.append({"file": path, "id": trace.name or Path(path).stem, "events": r.events, "checks": r.checks,
-                        "mismatches": len(r.mismatches), "stats": r.stats.to_dict()})
+        tally.mismatches += len(res.mismatches)
+        texts = [f"{path}: {sc.id}: {m}" for m in res.mismatches]
+        if args.check and not args.json:
+            for t in texts:
+                print(t, file=out)
+        row: dict[str, Any] = {"file": path, "id": sc.id, "steps": sc.steps, "checks": res.checks,
+                               "mismatches": len(res.mismatches)}
+        if args.json and texts:
+            row["mismatch_list"] = texts
+        rows.append(row)
+    tally.results.extend(rows)
+
+
+def _replay_trace(path: str, args: argparse.Namespace, tally: _Tally, stats: Any, out: TextIO) -> None:
+    from .trace.model import load_trace
+    from .trace.replay import Replayer
+
+    trace = load_trace(path)
+    r = Replayer(trace, profile=args.profile, batch=not args.no_batch,
+                 progress=_progress_printer(path, args.progress or sys.stderr.isatty()),
+                 sanitize=args.sanitize).run()
+    stale: list[str] = []
+    if args.sanitize and r.machine is not None:
+        for h in r.machine.iommu.stale_hits:
+            stale.append(f"{path}: stale translation: sid {h.sid:#06x} pasid "
+                         f"{'-' if h.pasid is None else hex(h.pasid)} iova {h.iova:#x} ({h.access}): cached "
+                         f"{_answer(h.cached)}, memory says {_answer(h.fresh)}")
+    texts = [f"{path}: {m}" for m in r.mismatches]
+    if not args.json:
+        for t in stale + (texts if args.check else []):
+            print(t, file=out)
+    tally.stale += len(stale)
+    tally.traces += 1
+    tally.scenarios += 1
+    tally.events += r.events
+    tally.mismatches += len(r.mismatches)
+    stats.merge(r.stats)
+    row: dict[str, Any] = {"file": path, "id": trace.name or Path(path).stem, "events": r.events, "checks": r.checks,
+                           "mismatches": len(r.mismatches), "stats": _stats_dict(r.stats, args.timing)}
     if args.json:
-        doc: dict[str, Any] = {"scenarios": total, "events": events, "mismatches": bad, "results": summary}
+        if texts:
+            row["mismatch_list"] = texts
+        if stale:
+            row["stale_translations"] = stale
+    tally.results.append(row)
+
+
+def _stats_dict(stats: Any, timing: bool) -> dict[str, Any]:
+    # Wall-clock time differs from run to run: the JSON of two replays of one trace must be the same bytes.
+    d: dict[str, Any] = stats.to_dict()
+    if not timing:
+        d.pop("seconds", None)
+    return d
+
+
+def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
+    """Replay every file; a file that is bad input is reported (one stderr line) and the others still run.
+
+    Exit status: 2 if any file was bad input, else 1 if ``--check`` found a mismatch or ``--sanitize`` a
+    stale translation, else 0."""
+    from .trace.model import detect_kind
+    from .trace.replay import ReplayStats
+
+    files = _replay_inputs(args.files)
+    tally = _Tally()
+    stats = ReplayStats()
+    for path in files:
+        try:
+            if detect_kind(path) == "oracle":
+                _replay_oracle(path, args, tally, out)
+            else:
+                _replay_trace(path, args, tally, stats, out)
+        except VtdEmuError as exc:
+            _report(exc)
+            tally.failed.append({"file": path, "error": str(exc)})
+        except OSError as exc:
+            _report(exc)
+            tally.failed.append({"file": path, "error": _os_error_text(exc)})
+    if args.json:
+        doc: dict[str, Any] = {"files": len(files), "scenarios": tally.scenarios, "events": tally.events,
+                               "mismatches": tally.mismatches, "results": tally.results}
         if args.sanitize:
-            doc["stale_translations"] = stale
-        if traces:
-            doc["stats"] = stats.to_dict()
-        print(json.dumps(doc), file=out)
-    elif traces:
-        _summary_table(stats, out)
-    if args.sanitize:
-        print(f"sanitizer: {stale} stale translations", file=out)
-    print(f"checked: {total} scenarios, {events} events, {bad} mismatches", file=out)
-    return 1 if (args.check and bad) or stale else 0
+            doc["stale_translations"] = tally.stale
+        if tally.traces:
+            doc["stats"] = _stats_dict(stats, args.timing)
+        doc["failed"] = tally.failed
+        out.write(json.dumps(doc, sort_keys=False) + "\n")
+    else:
+        if tally.traces:
+            _summary_table(stats, out)
+        if args.sanitize:
+            print(f"sanitizer: {tally.stale} stale translations", file=out)
+        if tally.failed:
+            print(f"failed: {len(tally.failed)} of {len(files)} files: "
+                  + ", ".join(f["file"] for f in tally.failed), file=out)
+        print(f"checked: {tally.scenarios} scenarios, {tally.events} events, {tally.mismatches} mismatches", file=out)
+    if tally.failed:
+        return 2
+    return 1 if (args.check and tally.mismatches) or tally.stale else 0
 
 
 def _answer(value: int) -> str:
+    from .vtd.faults import reason_name
+
     return f"{value:#x}" if value >= 0 else f"fault {-value:#x} {reason_name(-value)}"
+
+
+def _encoding(path: str, to: str | None) -> str:
+    """The encoding of an output trace, decided before any work so a bad name fails first."""
+    from .trace.model import kind_from_name
+
+    kind = to or kind_from_name(path)
+    if kind is None:
+        raise UsageError(f"{path}: cannot tell the encoding from the name: use .yaml, .jsonl or .npz (or --to)")
+    return kind
 
 
 def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
     from .trace.model import load_trace, save_trace
     from .trace.replay import Replayer
 
+    kind = _encoding(args.out_path, args.to)
     trace = load_trace(args.input)
     res = Replayer(trace, profile=args.profile, batch=not args.no_batch, record=True).run()
-    assert res.recorded is not None
+    if res.recorded is None:
+        from .errors import InternalError
+
+        raise InternalError("a recording replay returned no recorded trace")
     rec = res.recorded
     if args.profile:
         rec.config.profile = args.profile
-    save_trace(rec, args.out_path, args.to)
+    with replacing(args.out_path) as tmp:
+        save_trace(rec, tmp, kind)
     print(f"recorded {res.events} events of {args.input} with fresh expectations to {args.out_path} "
           f"({len(res.mismatches)} expectations of the input differed)", file=out)
     return 0
@@ -337,8 +546,10 @@ def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
     from .trace.model import load_trace, save_trace
 
+    kind = _encoding(args.out_path, args.to)
     trace = load_trace(args.input)
-    save_trace(trace, args.out_path, args.to)
+    with replacing(args.out_path) as tmp:
+        save_trace(trace, tmp, kind)
     print(f"converted {trace.event_count()} events: {args.input} -> {args.out_path}", file=out)
     return 0
 
@@ -365,12 +576,19 @@ def _qemu_options(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_import_qemu(args: argparse.Namespace, out: TextIO) -> int:
-    from .trace.model import save_trace
+    from .errors import TraceError
     from .importers.qemu_log import import_log
+    from .trace.model import check_trace, save_trace
 
+    kind = _encoding(args.out_path, args.to)
     trace, s = import_log(args.log, ram=args.ram, out=args.out_path, qemu=_qemu_options(args.qemu_option) or None,
                           preset=args.preset, profile=args.profile, ram_size=args.ram_size)
-    save_trace(trace, args.out_path, args.to)
+    if not s.trace_lines:
+        raise TraceError(args.log, "", "no QEMU trace line (like 'vtd_...' from -trace 'vtd_*') in this file")
+    # What is written must be what replay accepts: the same validation as a trace loaded from a file.
+    check_trace(trace)
+    with replacing(args.out_path) as tmp:
+        save_trace(trace, tmp, kind)
     if args.json:
         print(json.dumps({"events": trace.event_count(), **s.to_dict()}), file=out)
         return 0
@@ -394,7 +612,9 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
     from .trace.model import load_trace
     from .trace.timeline import write_timeline
 
-    doc = write_timeline(load_trace(args.trace), args.out_path, profile=args.profile, batch=not args.no_batch)
+    trace = load_trace(args.trace)
+    with replacing(args.out_path) as tmp:
+        doc = write_timeline(trace, tmp, profile=args.profile, batch=not args.no_batch)
     print(f"wrote {len(doc['traceEvents']):,} trace events to {args.out_path} "
           "(open in https://ui.perfetto.dev or chrome://tracing)", file=out)
     return 0
@@ -402,46 +622,53 @@ def cmd_timeline(args: argparse.Namespace, out: TextIO) -> int:
 
 def _ram_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram", required=True, help="RAM image: raw (offset = physical address) or .zst")
-    p.add_argument("--ram-base", type=_num, default=0, help="physical address of the image's first byte")
-    p.add_argument("--ram-size", type=_num, default=None, help="memory size; addresses beyond are not memory")
-    p.add_argument("--preset", default="modern", choices=preset_names())
-    p.add_argument("--profile", default="spec", choices=profile_names())
+    p.add_argument("--ram-base", type=_addr, default=0, help="physical address of the image's first byte")
+    p.add_argument("--ram-size", type=_ram_size, default=None,
+                   help="memory size in bytes (1..2**64); addresses beyond are not memory")
+    p.add_argument("--preset", default="modern", choices=PRESETS)
+    p.add_argument("--profile", default="spec", choices=PROFILES)
 
 
 def _where_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rtaddr", type=_num, help="root table address (as in RTADDR)")
+    p.add_argument("--rtaddr", type=_addr, help="root table address (as in RTADDR)")
     p.add_argument("--scalable", action="store_true", help="the root table is a scalable-mode one")
-    p.add_argument("--sid", type=_num, help="requester id (bus << 8 | dev << 3 | fn)")
-    p.add_argument("--pasid", type=_num, help="PASID of the request")
-    p.add_argument("--fs-root", type=_num, help="a bare first-stage table (like a CR3)")
-    p.add_argument("--ss-root", type=_num, help="a bare second-stage table")
-    p.add_argument("--levels", type=int, help="paging levels of a bare table")
+    p.add_argument("--sid", type=_sid, help="requester id (bus << 8 | dev << 3 | fn), 0..0xffff")
+    p.add_argument("--pasid", type=_pasid, help="PASID of the request, 0..0xfffff")
+    p.add_argument("--fs-root", type=_addr, help="a bare first-stage table (like a CR3)")
+    p.add_argument("--ss-root", type=_addr, help="a bare second-stage table")
+    p.add_argument("--levels", type=_levels, help="paging levels of a bare table (first stage 4 or 5, second 2..5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="vtd-emu", description="Intel VT-d (IOMMU) emulator")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    ap = _Parser(prog="vtd-emu", description="Intel VT-d (IOMMU) emulator",
+                 epilog="exit status: 0 ok; 1 a fault (walk), a mismatch (replay --check) or a stale translation "
+                        "(replay --sanitize); 2 bad input (one line on stderr)")
+    ap.add_argument("--version", action="version", version=f"vtd-emu {__version__}")
+    sub = ap.add_subparsers(dest="cmd", parser_class=_Parser, metavar="COMMAND")
     w = sub.add_parser("walk", help="show every structure and entry one translation touches")
     _ram_args(w)
     _where_args(w)
-    w.add_argument("--iova", type=_num, required=True)
+    w.add_argument("--iova", type=_addr, required=True)
     w.add_argument("--access", default="r", help="r, w or rw")
-    w.add_argument("--priv", action="store_true", help="supervisor request")
-    w.add_argument("--exe", action="store_true", help="execute request")
+    w.add_argument("--priv", action="store_true", help="supervisor request (needs --pasid with --rtaddr)")
+    w.add_argument("--exe", action="store_true", help="execute request (needs --pasid with --rtaddr)")
     w.set_defaults(func=cmd_walk)
     d = sub.add_parser("dump", help="list every mapping of a table or of one device/PASID")
     _ram_args(d)
     _where_args(d)
     d.add_argument("--format", choices=("text", "json"), default="text")
     d.add_argument("--leaves", action="store_true", help="one row per leaf instead of merged ranges")
-    d.add_argument("-o", "--output", help="write to this file instead of standard output")
+    d.add_argument("-o", "--output", help="write to this file instead of standard output (only on success)")
     d.set_defaults(func=cmd_dump)
     r = sub.add_parser("replay", help="replay traces (vtd-trace/1) or QEMU reference scenarios")
-    r.add_argument("files", nargs="+")
+    r.add_argument("files", nargs="+", metavar="FILE|DIR",
+                   help="traces or scenario files; a directory stands for every trace file under it")
     r.add_argument("--check", action="store_true", help="compare every expectation; exit 1 on a mismatch")
-    r.add_argument("--profile", default=None, choices=profile_names(),
+    r.add_argument("--profile", default=None, choices=PROFILES,
                    help="behaviour profile (default: the trace's own; QEMU scenarios: qemu-7.2)")
-    r.add_argument("--json", action="store_true", help="print a JSON summary")
+    r.add_argument("--json", action="store_true",
+                   help="print one JSON document (results, mismatches, failed files) and nothing else")
+    r.add_argument("--timing", action="store_true", help="include wall-clock seconds in --json stats")
     r.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
     r.add_argument("--no-batch", action="store_true", help="translate DMA chunk by chunk (no numpy batching)")
     r.add_argument("--sanitize", action="store_true",
@@ -452,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("input")
     rc.add_argument("-o", dest="out_path", required=True, help="trace to write (.yaml, .jsonl or .npz)")
     rc.add_argument("--to", choices=("yaml", "jsonl", "npz"), help="encoding (default: from the name)")
-    rc.add_argument("--profile", default=None, choices=profile_names())
+    rc.add_argument("--profile", default=None, choices=PROFILES)
     rc.add_argument("--no-batch", action="store_true")
     rc.set_defaults(func=cmd_record)
     cv = sub.add_parser("convert", help="convert a trace between YAML, JSON Lines and .npz")
@@ -464,44 +691,60 @@ def build_parser() -> argparse.ArgumentParser:
     iq.add_argument("log")
     iq.add_argument("-o", dest="out_path", required=True, help="trace to write (.yaml, .jsonl or .npz)")
     iq.add_argument("--ram", help="RAM image (raw or .zst) with the guest's tables, stored relative to the trace")
-    iq.add_argument("--ram-size", type=_num, help="guest RAM size (default: the image's size, else unlimited)")
+    iq.add_argument("--ram-size", type=_ram_size,
+                    help="guest RAM size (default: the image's size, else unlimited)")
     iq.add_argument("--qemu-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a QEMU 7.2 intel-iommu option of the logged run (aw_bits=48, scalable_mode=on, ...)")
-    iq.add_argument("--preset", choices=preset_names(), help="use one of our presets instead of QEMU options")
-    iq.add_argument("--profile", default=None, choices=profile_names())
+    iq.add_argument("--preset", choices=PRESETS, help="use one of our presets instead of QEMU options")
+    iq.add_argument("--profile", default=None, choices=PROFILES)
     iq.add_argument("--to", choices=("yaml", "jsonl", "npz"))
     iq.add_argument("--json", action="store_true", help="print the import summary as JSON")
     iq.set_defaults(func=cmd_import_qemu)
     tl = sub.add_parser("timeline", help="Chrome/Perfetto trace-event JSON of a trace's replay")
     tl.add_argument("trace")
     tl.add_argument("-o", dest="out_path", required=True, help="JSON file to write")
-    tl.add_argument("--profile", default=None, choices=profile_names())
+    tl.add_argument("--profile", default=None, choices=PROFILES)
     tl.add_argument("--no-batch", action="store_true")
     tl.set_defaults(func=cmd_timeline)
     return ap
 
 
+def _os_error_text(exc: OSError) -> str:
+    name = exc.filename if exc.filename is not None else ""
+    return f"{name}: {exc.strerror or exc}" if name else str(exc.strerror or exc)
+
+
+def _report(exc: BaseException) -> None:
+    """One line on stderr: the error's own message is already 'file: position: what was wrong'."""
+    text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+    text = " ".join(text.split())  # a message must never span lines
+    print(text if text.startswith("vtd-emu") else f"vtd-emu: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = build_parser()
+    """Run one command; returns the exit status (0, 1 or 2, see the module docstring)."""
     try:
-        args = ap.parse_args(argv)
-    except UsageError as exc:
-        print(f"vtd-emu: {exc}" if not str(exc).startswith("vtd-emu") else str(exc), file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    func: Callable[[argparse.Namespace, TextIO], int] = args.func
-    try:
+        ap = build_parser()
+        try:
+            args = ap.parse_args(argv)
+        except SystemExit as exc:  # --help, --version
+            return int(exc.code or 0)
+        func: Callable[[argparse.Namespace, TextIO], int] | None = getattr(args, "func", None)
+        if func is None:
+            # No command: the usage, as argparse prints it for a missing argument.
+            ap.print_usage(sys.stderr)
+            print("vtd-emu: error: give a command (vtd-emu --help lists them)", file=sys.stderr)
+            return 2
         output = getattr(args, "output", None)
         if output:
-            with Path(output).open("w") as fh:
+            with replacing_text(output) as fh:
                 return func(args, fh)
         return func(args, sys.stdout)
     except VtdEmuError as exc:
-        print(f"vtd-emu: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"vtd-emu: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        _report(exc)
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        _report(exc)
+        return 2

@@ -20,7 +20,7 @@ class SpecError(VtdEmuError, ValueError):
         self.file = file
         self.path = path
         self.message = message
-        super().__init__(f"{file}: {path}: {message}")
+        super().__init__(f"{file}: {path}: {message}" if path else f"{file}: {message}")
 
 
 class TraceError(VtdEmuError, ValueError):

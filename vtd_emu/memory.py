@@ -12,8 +12,9 @@ IOMMU, not an error.
 
 from __future__ import annotations
 
+import os
 from types import MappingProxyType
-from typing import Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -66,6 +67,8 @@ class HostRAM:
     __slots__ = ("size", "_rows", "_pool", "_q", "_b", "_used", "generation", "watch")
 
     def __init__(self, size: int | None = None, *, initial_pages: int = 64) -> None:
+        """``size`` is 1..2**64 bytes (None: 2**64); anything else raises ValueError, since no memory can
+        have it (callers taking a size from a user validate it first and report it their way)."""
         if size is None:
             size = _ADDR_LIMIT
         if size <= 0 or size > _ADDR_LIMIT:
@@ -227,6 +230,66 @@ class HostRAM:
         if any(tail):
             self.write(base + pages * PAGE_SIZE, tail)
 
+    def save(self, path: str | os.PathLike[str], *, base: int = 0, length: int | None = None,
+             compress: bool | None = None, level: int = 19) -> int:
+        """Write memory ``[base, base + length)`` as a RAM image that :func:`vtd_emu.ramimage.load_ram_image`
+        reads back at ``base``: raw (byte offset = address - ``base``, never-written pages left as holes of
+        a sparse file) or, with ``compress`` (default: the name ends in ``.zst``), one zstd frame with its
+        content size and checksum.  ``length`` defaults to the end of the highest page written.  The file
+        appears only once it is complete.  Returns the image's length in bytes."""
+        from .outfile import replacing
+
+        if not 0 <= base < self.size:
+            raise ValueError(f"base {base:#x} is not memory (size {self.size:#x})")
+        if length is None:
+            top = max(self._rows, default=-1)
+            length = max(0, ((top + 1) << PAGE_SHIFT) - base)
+        if length < 0 or base + length > self.size:
+            raise ValueError(f"length {length:#x} from {base:#x} goes beyond memory (size {self.size:#x})")
+        target = os.fspath(path)
+        if compress is None:
+            compress = target.endswith(".zst")
+        # Pages holding any byte of the range, in address order; bytes between them are zeros.
+        first, last = base >> PAGE_SHIFT, (base + length - 1) >> PAGE_SHIFT
+        pfns = [p for p in sorted(self._rows) if first <= p <= last] if length else []
+        with replacing(target) as tmp, open(tmp, "wb") as fh:
+            if compress:
+                import zstandard
+
+                cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+                with cctx.stream_writer(fh, size=length, closefd=False) as zw:
+                    self._write_image(zw.write, base, length, pfns, sparse=None)
+            else:
+                self._write_image(fh.write, base, length, pfns, sparse=fh)
+                fh.truncate(length)
+        return length
+
+    def _write_image(self, write: Callable[[bytes], object], base: int, length: int, pfns: list[int],
+                     sparse: BinaryIO | None) -> None:
+        """Bytes ``[base, base + length)`` in order; with ``sparse`` (a seekable raw file) zero runs are
+        skipped by seeking instead of written."""
+        pos = base
+        end = base + length
+        zeros = bytes(1 << 20)
+        for pfn in pfns:
+            start = max(pfn << PAGE_SHIFT, base)
+            gap = start - pos
+            if sparse is not None:
+                sparse.seek(start - base)
+            else:
+                while gap > 0:
+                    n = min(gap, len(zeros))
+                    write(zeros[:n])
+                    gap -= n
+            stop = min((pfn + 1) << PAGE_SHIFT, end)
+            write(self.read(start, stop - start))
+            pos = stop
+        if sparse is None:
+            gap = end - pos
+            while gap > 0:
+                n = min(gap, len(zeros))
+                write(zeros[:n])
+                gap -= n
 
 # -- views: one address space seen through another ------------------------------------------------------
 

@@ -410,6 +410,8 @@ def _read_yaml(path: Path) -> Any:
         raise SpecError(file, "(file)", "file not found") from None
     except OSError as exc:
         raise SpecError(file, "(file)", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(file, f"byte {exc.start}", "not UTF-8 text") from None
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -31,6 +32,16 @@ ORACLE_FORMAT = "vtd-oracle-scenario/1"
 _U64 = (1 << 64) - 1
 NO_PASID_COL = -1
 """``DmaBlock.pasid`` value of a request without PASID."""
+
+# -- limits (docs/trace-format.md, "Limits") ----------------------------------------------------------
+# A trace is input from anyone: each bound keeps one event from needing more memory than a machine has,
+# and is refused at load (TraceError naming the file and event) instead of ending in MemoryError.
+MAX_ACCESS_BYTES = 1 << 26
+"""Largest single DMA, ``mem_read``, ``mem_write`` payload or host-layer read/DMA length (64 MiB)."""
+MAX_CHECKPOINT_BYTES = 1 << 28
+"""Largest total of the memory ranges one ``checkpoint`` hashes (256 MiB)."""
+MAX_NPZ_BYTES = 1 << 31
+"""Largest total of the uncompressed arrays of a ``.npz`` trace (2 GiB)."""
 
 # -- field kinds -------------------------------------------------------------------------------------
 # Each validator turns a loaded value into the normalised Python value or raises ValueError with what was
@@ -80,6 +91,9 @@ def _length(v: Any) -> int:
     n = _as_int(v, 32, "a length in bytes")
     if n == 0:
         raise ValueError("expected a length of at least 1 byte, got 0")
+    if n > MAX_ACCESS_BYTES:
+        raise ValueError(f"expected a length of at most {MAX_ACCESS_BYTES:#x} bytes (the limit of one access), "
+                         f"got {n:#x}")
     return n
 
 
@@ -104,6 +118,8 @@ def _hex(v: Any) -> bytes:
         return bytes(v)
     if not isinstance(v, str):
         raise ValueError(f"expected a hex string of bytes, got {type(v).__name__}")
+    if len(v) > 2 * MAX_ACCESS_BYTES:
+        raise ValueError(f"expected at most {MAX_ACCESS_BYTES:#x} bytes (the limit of one access)")
     try:
         return bytes.fromhex(v)
     except ValueError:
@@ -424,12 +440,12 @@ def parse_config(doc: Any, file: str, where: str = "config") -> TraceConfig:
         cfg.qemu = dict(doc["qemu"])
         cfg.preset = None
     elif "preset" in doc:
-        if not isinstance(doc["preset"], str):
-            raise fail("preset", "expected a preset name")
+        if not isinstance(doc["preset"], str) or not doc["preset"]:
+            raise fail("preset", f"expected a preset name, got {doc['preset']!r}")
         cfg.preset = doc["preset"]
     if doc.get("profile") is not None:
-        if not isinstance(doc["profile"], str):
-            raise fail("profile", "expected a profile name (spec, qemu-7.2)")
+        if not isinstance(doc["profile"], str) or not doc["profile"]:
+            raise fail("profile", f"expected a profile name (spec, qemu-7.2), got {doc['profile']!r}")
         cfg.profile = doc["profile"]
     ov = doc.get("overrides") or {}
     if not isinstance(ov, dict):
@@ -446,7 +462,8 @@ def parse_config(doc: Any, file: str, where: str = "config") -> TraceConfig:
         if k not in _UNIT_KEYS:
             raise fail(f"unit.{k}", f"unknown unit setting; expected one of {sorted(_UNIT_KEYS)}")
         try:
-            cfg.unit[k] = _as_int(v, 32, "a non-negative integer")
+            cfg.unit[k] = _as_int(v, 1 if k == "fault_collapse" else 32,
+                                  "0 or 1" if k == "fault_collapse" else "a non-negative integer")
         except ValueError as exc:
             raise fail(f"unit.{k}", str(exc)) from None
     if doc.get("ram_size") is not None:
@@ -483,7 +500,38 @@ def parse_config(doc: Any, file: str, where: str = "config") -> TraceConfig:
         if not isinstance(doc["host"], dict):
             raise fail("host", "expected a mapping of vtd_emu.host.Host arguments")
         cfg.host = dict(doc["host"])
+    check_config(cfg, file, where)
     return cfg
+
+
+def check_config(cfg: TraceConfig, file: str, where: str = "config") -> None:
+    """Refuse what replay would refuse about a unit: preset, QEMU options, profile, overrides, unit
+    settings, host arguments.  It builds the unit's configuration exactly as replay does, so a trace that
+    loads (and so anything ``convert``, ``record`` or ``import-qemu`` writes) is one replay accepts."""
+    from .replay import unit_config
+
+    if cfg.host is None:
+        unit_config(cfg, None, file)
+        return
+    allowed = _host_arguments()
+    for k, v in cfg.host.items():
+        if k not in allowed:
+            raise TraceError(file, f"{where}.host.{k}", f"unknown vtd_emu.host.Host argument; expected {allowed}")
+        if k == "preset" and (not isinstance(v, str) or not v):
+            raise TraceError(file, f"{where}.host.preset", f"expected a preset name, got {v!r}")
+    unit_config(TraceConfig(preset=str(cfg.host.get("preset", "modern")), profile=cfg.profile,
+                            overrides=cfg.overrides, unit=cfg.unit), None, file)
+
+
+def _host_arguments() -> list[str]:
+    import inspect
+
+    from ..host import Host
+
+    return [n for n in inspect.signature(Host).parameters if n != "self"]
+
+
+_HOST_LENGTH_ARGS = ("n", "length", "len", "count", "size")
 
 
 def config_to_dict(cfg: TraceConfig) -> dict[str, Any]:
@@ -659,9 +707,31 @@ def _check_event(op: str, f: dict[str, Any], file: str, where: str) -> None:
         if f["iova"] + f["len"] > 1 << 64:
             raise TraceError(file, w, "iova + len goes beyond the 64-bit address space")
     elif op == "checkpoint" and f["mem"] != "all":
+        total = 0
         for a, n in f["mem"]:
             if a + n > 1 << 64:
                 raise TraceError(file, f"{w} field 'mem'", "range beyond the 64-bit address space")
+            total += n
+        if total > MAX_CHECKPOINT_BYTES:
+            raise TraceError(file, f"{w} field 'mem'", f"ranges of {total:#x} bytes; a checkpoint hashes at most "
+                                                      f"{MAX_CHECKPOINT_BYTES:#x}")
+    elif op.startswith("host."):
+        for k, v in (f.get("args") or {}).items():
+            if isinstance(v, dict) and set(v) == {"$hex"} and isinstance(v["$hex"], str) \
+                    and len(v["$hex"]) > 2 * MAX_ACCESS_BYTES:
+                raise TraceError(file, f"{w} args.{k}", f"expected at most {MAX_ACCESS_BYTES:#x} bytes (the limit "
+                                                        "of one access)")
+            if "read" not in op and "dma" not in op:
+                continue
+            n = v.get("$int") if isinstance(v, dict) and set(v) == {"$int"} else v
+            if isinstance(n, str):
+                try:
+                    n = int(n, 0)
+                except ValueError:
+                    continue
+            if k in _HOST_LENGTH_ARGS and isinstance(n, int) and n > MAX_ACCESS_BYTES:
+                raise TraceError(file, f"{w} args.{k}", f"expected at most {MAX_ACCESS_BYTES:#x} bytes (the limit of "
+                                                        f"one access), got {n:#x}")
 
 
 # -- canonical dicts ---------------------------------------------------------------------------------
@@ -1041,16 +1111,36 @@ def _load_yaml(p: Path) -> Trace:
 def _npz_arrays(p: Path) -> dict[str, np.ndarray]:
     file = str(p)
     try:
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        with zipfile.ZipFile(p) as zf:
+            total = sum(i.file_size for i in zf.infolist())
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise TraceError(file, "", f"not a readable .npz trace: {exc}") from None
+    if total > MAX_NPZ_BYTES:
+        raise TraceError(file, "", f"arrays of {total:#x} bytes uncompressed; a .npz trace holds at most "
+                                   f"{MAX_NPZ_BYTES:#x}")
+    arrays: dict[str, np.ndarray] = {}
+    name = ""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            for name in z.files:
+                arrays[name] = z[name]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError) as exc:
+        # A damaged member (bad deflate data, a CRC mismatch, a bad .npy header) names the array.
+        raise TraceError(file, name, f"not a readable .npz trace: {type(exc).__name__}: {exc}") from None
+    unknown = sorted(set(arrays) - _NPZ_ARRAYS)
+    if unknown:
+        raise TraceError(file, unknown[0], f"unknown array; a vtd-trace .npz holds {sorted(_NPZ_ARRAYS)}")
+    for k, a in arrays.items():
+        if a.ndim != 1:
+            raise TraceError(file, k, f"expected a one-dimensional array, got shape {a.shape}")
+    return arrays
 
 
 _COLS = {"dma_sid": np.uint32, "dma_pasid": np.int32, "dma_iova": np.uint64, "dma_len": np.uint32,
          "dma_write": np.bool_, "dma_priv": np.bool_, "dma_data_off": np.int64, "dma_data": np.uint8}
 _EXP_COLS = {"exp_flags": np.uint8, "exp_faults_ptr": np.int64, "exp_faults": np.uint16, "exp_addrs_ptr": np.int64,
              "exp_addrs": np.int64, "exp_data_ptr": np.int64, "exp_data": np.uint8}
+_NPZ_ARRAYS = frozenset({"header", *_COLS, *_EXP_COLS})
 
 
 def _load_npz(p: Path) -> Trace:
@@ -1073,11 +1163,13 @@ def _load_npz(p: Path) -> Trace:
     for k in _COLS:
         if k != "dma_data" and arrs[k].shape != (n,):
             raise TraceError(file, k, f"expected {n} rows like dma_sid, got shape {arrs[k].shape}")
-    has_exp = "exp_flags" in arrs
+    has_exp = any(k in arrs for k in _EXP_COLS)
     if has_exp:
         miss = [k for k in _EXP_COLS if k not in arrs]
         if miss:
             raise TraceError(file, miss[0], "missing expectation column")
+        if arrs["exp_flags"].shape != (n,):
+            raise TraceError(file, "exp_flags", f"expected {n} rows like dma_sid, got shape {arrs['exp_flags'].shape}")
         for k in ("exp_faults_ptr", "exp_addrs_ptr", "exp_data_ptr"):
             ptr = arrs[k]
             vals = arrs[k.replace("_ptr", "")]
@@ -1087,7 +1179,7 @@ def _load_npz(p: Path) -> Trace:
     off = arrs["dma_data_off"]
     wr = arrs["dma_write"]
     blob = arrs["dma_data"]
-    bad = np.flatnonzero((length == 0) | (wr & ((off < 0) | (off + length.astype(np.int64) > blob.shape[0])))
+    bad = np.flatnonzero((length == 0) | (length > MAX_ACCESS_BYTES) | (wr & ((off < 0) | (off + length.astype(np.int64) > blob.shape[0])))
                          | (~wr & (off != -1)) | (arrs["dma_pasid"] < -1) | (arrs["dma_pasid"] >= 1 << 20)
                          | (arrs["dma_sid"] > 0xFFFF) | (arrs["dma_priv"] & (arrs["dma_pasid"] < 0))
                          | (arrs["dma_iova"] > np.uint64(_U64) - length.astype(np.uint64) + np.uint64(1)))
@@ -1133,6 +1225,8 @@ def _load_npz(p: Path) -> Trace:
 def _bad_row_reason(arrs: dict[str, np.ndarray], r: int) -> str:
     if arrs["dma_len"][r] == 0:
         return "len: expected at least 1 byte"
+    if arrs["dma_len"][r] > MAX_ACCESS_BYTES:
+        return f"len: expected at most {MAX_ACCESS_BYTES:#x} bytes (the limit of one access)"
     if arrs["dma_sid"][r] > 0xFFFF:
         return "sid: expected a 16-bit value"
     if not -1 <= arrs["dma_pasid"][r] < 1 << 20:
@@ -1144,6 +1238,20 @@ def _bad_row_reason(arrs: dict[str, np.ndarray], r: int) -> str:
     if arrs["dma_write"][r]:
         return "data_off: a write's payload must lie inside dma_data"
     return "data_off: a read has no payload (expected -1)"
+
+
+def check_trace(trace: Trace) -> None:
+    """Validate a trace built in memory (by an importer) exactly as loading it from a file would: its
+    config and every event, through their canonical form.  A trace that passes is one replay accepts."""
+    file = trace.source
+    parse_config(config_to_dict(trace.config), file)
+    idx = 0
+    for ev in trace.events:
+        if isinstance(ev, DmaBlock):
+            idx += len(ev)
+            continue
+        parse_event(event_to_dict(ev), file, ev.where or f"event {idx}")
+        idx += 1
 
 
 def _header_doc(trace: Trace) -> dict[str, Any]:

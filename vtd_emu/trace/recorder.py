@@ -28,8 +28,15 @@ from typing import Any, Sequence
 
 from ..memory import RecordingMemory
 from ..vtd.iommu import VtdIommu
-from .model import Event, Trace, TraceConfig, save_trace
+from .model import Event, Trace, TraceConfig, check_config, parse_event, save_trace
 from .replay import Machine, Replayer
+
+
+def _as_loaded(v: Any) -> Any:
+    """A Python value as a loader would see it (tuples are lists), for validating recorded fields."""
+    if isinstance(v, (tuple, list)):
+        return [_as_loaded(x) for x in v]
+    return v
 
 
 class Recorder:
@@ -39,6 +46,8 @@ class Recorder:
     def __init__(self, config: TraceConfig | None = None, *, name: str = "", description: str = "",
                  machine: Machine | None = None) -> None:
         self.config = config or TraceConfig()
+        # What is recorded must be what replay accepts: the config is checked as a loaded trace's is.
+        check_config(self.config, "<recorder>")
         self.machine = machine or Machine.build(self.config)
         self.ram = self.machine.ram
         self.iommu: VtdIommu = self.machine.iommu
@@ -103,8 +112,11 @@ class Recorder:
     def _run(self, op: str, fields: dict[str, Any], note: str | None = None,
              expect: dict[str, Any] | None = None) -> dict[str, Any]:
         self._flush()
-        ev = Event(op, fields, expect, note, "")
         rp = self._replayer
+        # The same validation as an event read from a file (ranges, sizes, op names), before it runs.
+        parse_event({"op": op, **{k: _as_loaded(v) for k, v in fields.items() if v is not None}}, "<recorder>",
+                    f"event {rp.index}")
+        ev = Event(op, fields, expect, note, "")
         before = len(rp.out_events)
         rp._event(ev)
         rec = rp.out_events[before]

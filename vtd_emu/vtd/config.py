@@ -50,8 +50,8 @@ class Quirks:
 def _profiles() -> dict[str, Quirks]:
     path = specs_dir() / "profiles.yaml"
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise SpecError(str(path), "", f"cannot read profiles: {exc}") from None
     if not isinstance(doc, dict) or set(doc) != {"toggles", "profiles"}:
         raise SpecError(str(path), "", "expected exactly the keys 'toggles' and 'profiles'")
