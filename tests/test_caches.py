@@ -717,3 +717,36 @@ def test_scalable_iotlb_size_limit() -> None:
     # Every page translated earlier was evicted and is walked again.
     assert [_state(env, P1, i) for i in range(4)] == ["new"] * 4
     assert [_state(env, P3, i) for i in range(4)] == ["new"] * 4
+
+
+def test_eviction_observer_is_told_before_fills_lose_anything() -> None:
+    from vtd_emu.vtd.caches import Caches
+    from vtd_emu.vtd.entries import CTX_LEGACY, KIND_SS, IotlbEntry, LegacyContext
+
+    c = Caches(iotlb_size=2, context_size=1, pasid_size=1, psc_size=0)
+    log: list[tuple[str, object]] = []
+
+    class Obs:
+        def entry_lost(self, entry: IotlbEntry) -> None:
+            log.append(("lost", entry.iova))
+
+        def memo_cleared(self) -> None:
+            log.append(("cleared", None))
+
+        def slot_replaced(self, key: int) -> None:
+            log.append(("slot", key))
+
+    c.observer = Obs()
+    e = [IotlbEntry(0x1000 * i, 0xFFF, 0xFFFF, 1, 1, 0, KIND_SS, 0x1000 * i, 12) for i in range(4)]
+    c.put_iotlb(1, e[0])
+    c.put_iotlb(2, e[1])
+    assert log == []
+    c.put_iotlb(2, e[2])                     # refill of a key: the old entry is lost
+    c.put_iotlb(3, e[3])                     # FIFO eviction of the oldest
+    assert log == [("lost", 0x1000), ("lost", 0)] and not e[0].alive and not e[1].alive and e[2].alive
+    log.clear()
+    c.put_front(7, 0x5000, e[2])
+    c.put_front(7, 0x5000, e[3])             # the same slot rewritten
+    c.put_context(1, LegacyContext(CTX_LEGACY, 1, 0, 4, 0, 0))
+    c.put_context(2, LegacyContext(CTX_LEGACY, 2, 0, 4, 0, 0))  # an eviction clears the memo
+    assert log == [("slot", 7), ("cleared", None)] and c.front == {}
