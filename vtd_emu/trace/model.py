@@ -516,22 +516,6 @@ def _host_arguments() -> list[str]:
     return [n for n in inspect.signature(Host).parameters if n != "self"]
 
 
-def _host_methods() -> frozenset[str]:
-    """The ``host.<method>`` names a trace may use: public methods of the host layer's classes (what
-    replay can call on an object a trace binds)."""
-    global _HOST_METHODS
-    if _HOST_METHODS is None:
-        import vtd_emu.host as hostmod
-
-        names: set[str] = set()
-        for obj in vars(hostmod).values():
-            if isinstance(obj, type) and obj.__module__.startswith("vtd_emu.host"):
-                names.update(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
-        _HOST_METHODS = frozenset(names)
-    return _HOST_METHODS
-
-
-_HOST_METHODS: frozenset[str] | None = None
 _HOST_LENGTH_ARGS = ("n", "length", "len", "count", "size")
 
 
@@ -642,8 +626,6 @@ def parse_event(doc: Any, file: str, where: str) -> Event:
     if not isinstance(op, str):
         raise TraceError(file, where, f"expected 'op', one of {sorted(OPS)} or host.<method>")
     if op.startswith("host.") and len(op) > 5:
-        if op[5:] not in _host_methods():
-            raise TraceError(file, where, f"unknown host-layer op {op!r}: no public method {op[5:]!r} in vtd_emu.host")
         spec = HOST_FIELDS
     elif op in OPS:
         spec = OPS[op]
