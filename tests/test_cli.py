@@ -147,3 +147,91 @@ def test_dump_of_a_nested_pasid_composes_both_stages(tmp_path: Path, capsys: pyt
         va = int(r["iova"], 16) + 0x10
         assert io.translate(0x18, va, "r", pasid=3).addr == int(r["addr"], 16) + 0x10
     assert io.translate(0x18, 0x7F00_1000_0010, "w", pasid=3).reason == 0x79     # SS read-only
+
+
+def test_version_and_plain_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    from vtd_emu import __version__
+
+    rc, out, _ = run(["--version"], capsys)
+    assert rc == 0 and out.strip() == f"vtd-emu {__version__}"
+    rc, out, err = run([], capsys)
+    assert rc == 2 and out == "" and err.startswith("usage: vtd-emu") and "give a command" in err
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--sid", "0x10000"], "--sid: expected a 16-bit requester id"),
+    (["--sid", "0x10", "--pasid", "0x100000"], "--pasid: expected a 20-bit PASID"),
+    (["--sid", "0x10", "--iova", str(2**80)], "--iova: expected a 64-bit address"),
+    (["--sid", "0x10", "--ram-size", "0"], "--ram-size: expected a memory size"),
+    (["--sid", "0x10", "--ram-size", str(2**65)], "--ram-size: expected a memory size"),
+    (["--sid", "0x10", "--exe"], "give --pasid"),
+    (["--sid", "0x10", "--priv"], "give --pasid"),
+])
+def test_walk_arguments_are_validated(image: tuple[Path, int, int], extra: list[str], expect: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    img, root, _ = image
+    rc, out, err = run(["walk", "--ram", str(img), "--rtaddr", hex(root), "--iova", "0x41234", *extra], capsys)
+    assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+@pytest.mark.parametrize("levels", ["7", "0", "1"])
+def test_dump_levels_out_of_range_is_one_line_and_leaves_no_file(image: tuple[Path, int, int], levels: str,
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    img, _, ss_root = image
+    out = tmp_path / "out.txt"
+    rc, _, err = run(["dump", "--ram", str(img), "--ss-root", hex(ss_root), "--levels", levels, "-o", str(out)],
+                     capsys)
+    assert rc == 2 and "--levels" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    rc, _, err = run(["dump", "--ram", str(img), "--fs-root", hex(ss_root), "--levels", "3", "-o", str(out)], capsys)
+    assert rc == 2 and "first-stage table is 4 or 5" in err and not out.exists()
+    rc, _, _ = run(["dump", "--ram", str(img), "--ss-root", hex(ss_root), "--levels", "3", "-o", str(out)], capsys)
+    assert rc == 0 and "0x0000000000040000" in out.read_text()
+
+
+def test_a_corrupt_zstd_image_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("zstandard")
+    ram = HostRAM()
+    alloc = PageAllocator(ram, base=0x10000)
+    ss = SecondStageTable(ram, alloc, levels=3)
+    ss.map(0x40000, 0x200000, 0x3000, R | W)
+    img = tmp_path / "ram.bin.zst"
+    ram.save(img)
+    rc, out, _ = run(["dump", "--ram", str(img), "--ss-root", hex(ss.root), "--levels", "3"], capsys)
+    assert rc == 0 and "0x0000000000040000" in out
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) - 2])
+    rc, out, err = run(["dump", "--ram", str(img), "--ss-root", hex(ss.root), "--levels", "3"], capsys)
+    assert rc == 2 and str(img) in err and "truncated zstd stream" in err and out == ""
+    corrupt = bytearray(data)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    img.write_bytes(bytes(corrupt))
+    rc, _, err = run(["dump", "--ram", str(img), "--ss-root", hex(ss.root), "--levels", "3"], capsys)
+    assert rc == 2 and str(img) in err
+
+
+def test_hostram_save_round_trips_raw_and_zstd(tmp_path: Path) -> None:
+    from vtd_emu.ramimage import load_ram_image
+
+    ram = HostRAM()
+    ram.write(0x1_0ff0, b"across a page boundary")
+    ram.write_u64(0x8_0000, 0x1122334455667788)
+    for name in ("ram.bin", "ram.bin.zst"):
+        if name.endswith(".zst"):
+            pytest.importorskip("zstandard")
+        n = ram.save(tmp_path / name)
+        assert n == 0x8_1000
+        back = load_ram_image(tmp_path / name)
+        assert back.read(0x1_0ff0, 22) == b"across a page boundary" and back.read_u64(0x8_0000) == 0x1122334455667788
+        assert sorted(back.pages()) == [0x10, 0x11, 0x80]
+    assert (tmp_path / "ram.bin").stat().st_size == 0x8_1000
+    part = tmp_path / "part.bin"
+    assert ram.save(part, base=0x1_0000, length=0x2000) == 0x2000
+    assert load_ram_image(part, base=0x1_0000).read(0x1_0ff0, 6) == b"across"
+    with pytest.raises(ValueError):
+        HostRAM(0x1000).save(tmp_path / "x.bin", base=0, length=0x2000)
+    assert not (tmp_path / "x.bin").exists()
+    for bad in (0, -1, 2**64 + 1):
+        with pytest.raises(ValueError):
+            HostRAM(bad)

@@ -121,3 +121,93 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, content: str, argv_tail: l
 def test_convert_refuses_unknown_extension(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run(["convert", str(TRACES / "nested.yaml"), str(tmp_path / "x.txt")], capsys)
     assert rc == 2 and "use .yaml, .jsonl or .npz" in err
+
+
+def test_replay_json_is_one_document_and_the_same_bytes_every_run(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["replay", "--check", "--json", "--sanitize", str(TRACES / "forgot-to-invalidate.yaml"),
+            str(TRACES / "legacy-dma.yaml"), str(TRACES / "qemu-7.2" / "legacy_faults.jsonl")]
+    rc, first, _ = run(argv, capsys)
+    rc2, second, _ = run(argv, capsys)
+    assert rc == rc2 == 1  # the forgotten invalidation: two stale translations
+    assert first == second
+    doc = json.loads(first)  # the whole of stdout is one document
+    assert doc["stale_translations"] == 2 and doc["failed"] == [] and "seconds" not in doc["stats"]
+    assert len(doc["results"][0]["stale_translations"]) == 2
+    rc, timed, _ = run(argv + ["--timing"], capsys)
+    assert "seconds" in json.loads(timed)["stats"]
+
+
+def test_replay_json_carries_the_mismatches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (TRACES / "forgot-to-invalidate.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("addrs: ['0x3000000']}, note: 'stale", "addrs: ['0x3800000']}, note: 'stale", 1))
+    rc, out, _ = run(["replay", "--check", "--json", str(bad)], capsys)
+    doc = json.loads(out)
+    assert rc == 1 and doc["mismatches"] == 1
+    assert "addrs: expected [0x3800000], got [0x3000000]" in doc["results"][0]["mismatch_list"][0]
+
+
+def test_replay_of_a_directory_reports_bad_files_and_runs_the_others(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("legacy-dma.yaml", "first-stage-5level.jsonl"):
+        (tmp_path / name).write_bytes((TRACES / name).read_bytes())
+    (tmp_path / "sub").mkdir()
+    bad = tmp_path / "sub" / "broken.yaml"
+    bad.write_text("format: vtd-trace/1\nconfig: {preset: ''}\n")
+    (tmp_path / "sub" / "notes.txt").write_text("not a trace, skipped")
+    rc, out, err = run(["replay", "--check", str(tmp_path)], capsys)
+    assert rc == 2
+    assert err.strip().splitlines() == [f"vtd-emu: {bad}: config.preset: expected a preset name, got ''"]
+    assert f"failed: 1 of 3 files: {bad}" in out and out.strip().endswith("0 mismatches")
+    assert "checked: 2 scenarios" in out
+    rc, out, _ = run(["replay", "--json", str(tmp_path)], capsys)
+    doc = json.loads(out)
+    assert rc == 2 and doc["files"] == 3 and [f["file"] for f in doc["failed"]] == [str(bad)]
+    assert len(doc["results"]) == 2
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run(["replay", str(tmp_path / "empty")], capsys)
+    assert rc == 2 and "no trace files" in err
+
+
+@pytest.mark.parametrize("config,expect", [
+    ("{preset: ''}", "config.preset: expected a preset name"),
+    ("{preset: nope}", "unknown preset 'nope'"),
+    ("{profile: nope}", "unknown profile 'nope'"),
+    ("{overrides: {cap.NFR: 0x10000}}", "does not fit"),
+    ("{unit: {fault_collapse: 2}}", "config.unit.fault_collapse"),
+    ("{ram_size: -1}", "config.ram_size"),
+])
+def test_convert_and_record_refuse_what_replay_refuses(tmp_path: Path, config: str, expect: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "t.yaml"
+    src.write_text(f"format: vtd-trace/1\nconfig: {config}\nevents: []\n")
+    out = tmp_path / "o.jsonl"
+    for argv in (["replay", str(src)], ["convert", str(src), str(out)], ["record", str(src), "-o", str(out)]):
+        rc, _, err = run(argv, capsys)
+        assert rc == 2 and expect in err and not out.exists(), (argv, err)
+
+
+def test_sizes_are_bounded_at_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    head = "format: vtd-trace/1\nevents:\n"
+    for event, expect in (("{op: dma, sid: 1, iova: 0, len: 0xFFFFFFFF, dir: read}", "at most 0x4000000"),
+                          ("{op: mem_read, addr: 0, len: 0xFFFFFFFF}", "at most 0x4000000"),
+                          ("{op: checkpoint, mem: [{addr: 0, len: 0x10000000000}]}", "a checkpoint hashes at most")):
+        src = tmp_path / "big.yaml"
+        src.write_text(head + f"  - {event}\n")
+        rc, _, err = run(["replay", str(src)], capsys)
+        assert rc == 2 and "line 3 event 0" in err and expect in err, err
+
+
+def test_outputs_appear_only_on_success(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("format: vtd-trace/1\nevents:\n  - {op: dma}\n")
+    for argv, out in ((["convert", str(bad), str(tmp_path / "o.npz")], tmp_path / "o.npz"),
+                      (["record", str(bad), "-o", str(tmp_path / "r.yaml")], tmp_path / "r.yaml"),
+                      (["timeline", str(bad), "-o", str(tmp_path / "t.json")], tmp_path / "t.json")):
+        rc, _, _ = run(argv, capsys)
+        assert rc == 2 and not out.exists()
+    keep = tmp_path / "keep.yaml"
+    keep.write_text("precious")
+    assert run(["convert", str(bad), str(keep)], capsys)[0] == 2
+    assert keep.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "keep.yaml"]  # no temporary left

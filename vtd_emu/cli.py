@@ -39,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
 
 class _LazyNames:
     """argparse ``choices`` whose names come from the specs, read on first use, not when the parser is
-    built: ``vtd-emu --version`` and the usage line work even when the specs cannot be loaded."""
+    built: ``vtd-emu --version`` and the usage line work even when the specs cannot be loaded.  (Every
+    option using one names a ``metavar``: argparse would iterate the choices to make one.)"""
 
     def __init__(self, names: Callable[[], list[str]]) -> None:
         self._names = names
@@ -625,8 +626,10 @@ def _ram_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram-base", type=_addr, default=0, help="physical address of the image's first byte")
     p.add_argument("--ram-size", type=_ram_size, default=None,
                    help="memory size in bytes (1..2**64); addresses beyond are not memory")
-    p.add_argument("--preset", default="modern", choices=PRESETS)
-    p.add_argument("--profile", default="spec", choices=PROFILES)
+    p.add_argument("--preset", default="modern", choices=PRESETS, metavar="PRESET",
+                   help="unit preset: %(choices)s (default %(default)s)")
+    p.add_argument("--profile", default="spec", choices=PROFILES, metavar="PROFILE",
+                   help="behaviour profile: %(choices)s (default %(default)s)")
 
 
 def _where_args(p: argparse.ArgumentParser) -> None:
@@ -664,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="FILE|DIR",
                    help="traces or scenario files; a directory stands for every trace file under it")
     r.add_argument("--check", action="store_true", help="compare every expectation; exit 1 on a mismatch")
-    r.add_argument("--profile", default=None, choices=PROFILES,
-                   help="behaviour profile (default: the trace's own; QEMU scenarios: qemu-7.2)")
+    r.add_argument("--profile", default=None, choices=PROFILES, metavar="PROFILE",
+                   help="behaviour profile, %(choices)s (default: the trace's own; QEMU scenarios: qemu-7.2)")
     r.add_argument("--json", action="store_true",
                    help="print one JSON document (results, mismatches, failed files) and nothing else")
     r.add_argument("--timing", action="store_true", help="include wall-clock seconds in --json stats")
@@ -679,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("input")
     rc.add_argument("-o", dest="out_path", required=True, help="trace to write (.yaml, .jsonl or .npz)")
     rc.add_argument("--to", choices=("yaml", "jsonl", "npz"), help="encoding (default: from the name)")
-    rc.add_argument("--profile", default=None, choices=PROFILES)
+    rc.add_argument("--profile", default=None, choices=PROFILES, metavar="PROFILE",
+                    help="behaviour profile, %(choices)s (default: the trace's own)")
     rc.add_argument("--no-batch", action="store_true")
     rc.set_defaults(func=cmd_record)
     cv = sub.add_parser("convert", help="convert a trace between YAML, JSON Lines and .npz")
@@ -695,15 +699,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="guest RAM size (default: the image's size, else unlimited)")
     iq.add_argument("--qemu-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a QEMU 7.2 intel-iommu option of the logged run (aw_bits=48, scalable_mode=on, ...)")
-    iq.add_argument("--preset", choices=PRESETS, help="use one of our presets instead of QEMU options")
-    iq.add_argument("--profile", default=None, choices=PROFILES)
+    iq.add_argument("--preset", choices=PRESETS, metavar="PRESET",
+                    help="use one of our presets instead of QEMU options: %(choices)s")
+    iq.add_argument("--profile", default=None, choices=PROFILES, metavar="PROFILE",
+                    help="behaviour profile, %(choices)s")
     iq.add_argument("--to", choices=("yaml", "jsonl", "npz"))
     iq.add_argument("--json", action="store_true", help="print the import summary as JSON")
     iq.set_defaults(func=cmd_import_qemu)
     tl = sub.add_parser("timeline", help="Chrome/Perfetto trace-event JSON of a trace's replay")
     tl.add_argument("trace")
     tl.add_argument("-o", dest="out_path", required=True, help="JSON file to write")
-    tl.add_argument("--profile", default=None, choices=PROFILES)
+    tl.add_argument("--profile", default=None, choices=PROFILES, metavar="PROFILE",
+                    help="behaviour profile, %(choices)s (default: the trace's own)")
     tl.add_argument("--no-batch", action="store_true")
     tl.set_defaults(func=cmd_timeline)
     return ap
