@@ -6,28 +6,40 @@
   attached to maps, at the place an independent model of the maps predicts, and faults otherwise;
 - after ``close()`` no object, pin, DID or present PASID entry is left.
 
-Any step may fail with an errno; a failure must change nothing the invariants can see (the port rule of
-iommufd_fail_nth.c).
+Every step's outcome is predicted before it runs, from the state and the kernel's rules
+(``iommufd.md`` §2, §3; the order of checks where it decides): a step must fail with exactly the errno
+predicted, or succeed when success is predicted.  A failure must change nothing the invariants can see (the
+port rule of iommufd_fail_nth.c).  Across the run, most maps, unmaps, copies, HWPT allocations and
+attaches must succeed (:data:`MIN_SUCCESS`): a machine whose every step fails would prove nothing.
 """
 
 from __future__ import annotations
 
 import errno
+from collections import Counter
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from vtd_emu.host import (HWPT_ALLOC_NEST_PARENT, HWPT_ALLOC_PASID, Host, HwptVtdS1, IommufdError,
                           IOAS_MAP_READABLE, IOAS_MAP_WRITEABLE)
 from vtd_emu.host.host import VMM_POOL
-from vtd_emu.host.iommufd import Access, Device, Fault, HwptNested, HwptPaging, Ioas
+from vtd_emu.host.iommufd import MSI_RANGE, Access, Device, Fault, Hwpt, HwptNested, HwptPaging, Ioas
+from vtd_emu.host.iopt import IOMMU_WRITE
 
 PAGE = 4096
 BUF_PAGES = 8
 IOVA_SLOTS = [0x10_0000 + i * 0x1_0000 for i in range(6)]
-OK_ERRNOS = {errno.ENOENT, errno.EINVAL, errno.EBUSY, errno.EEXIST, errno.EFAULT, errno.EPERM, errno.ENOSPC,
-             errno.EADDRINUSE, errno.EOPNOTSUPP, errno.EDEADLOCK, errno.ENODEV, errno.EOVERFLOW}
+MIN_SUCCESS = {"ioas_map": 0.5, "ioas_unmap": 0.25, "ioas_copy": 0.5, "hwpt_alloc": 0.6, "nested_alloc": 0.9,
+               "attach": 0.2, "access_pin": 0.2, "destroy": 0.05}
+"""The least fraction of attempts of each operation that must succeed over a whole run (each about half what
+runs of the machine are seen to reach at their worst)."""
+MIN_ATTEMPTS = 15
+ALWAYS_TRIED = {"ioas_map", "ioas_unmap", "hwpt_alloc", "attach", "destroy"}
+"""Operations every run must try at least MIN_ATTEMPTS times (the others need objects a run may lack)."""
+OUTCOMES: Counter[tuple[str, str]] = Counter()
+"""(operation, "ok" or the errno's name) -> how often, over every example of the run."""
 
 
 class IommufdMachine(RuleBasedStateMachine):
@@ -50,12 +62,118 @@ class IommufdMachine(RuleBasedStateMachine):
         # self.model: the independent model of the maps, IOAS id -> {iova: (length, user VA, prot)}.
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _try(self, fn, *args, **kwargs):
+    def _try(self, op: str, predicted: int | None, fn, *args, **kwargs):
+        """Run one step; it must end as ``predicted`` (an errno, or None for success)."""
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
         except IommufdError as e:
-            assert e.errno in OK_ERRNOS, f"unexpected {e.name}: {e}"
+            OUTCOMES[op, e.name] += 1
+            assert e.errno == predicted, (f"{op}: predicted "
+                                          f"{errno.errorcode[predicted] if predicted else 'success'}, got {e.name}: {e}")
             return None
+        OUTCOMES[op, "ok"] += 1
+        assert predicted is None, f"{op}: predicted {errno.errorcode[predicted]}, but it succeeded"
+        return out
+
+    def _obj(self, obj_id: int):
+        return self.ictx._objects[obj_id]
+
+    # -- the kernel's rules, as predictions ----------------------------------------------------------
+    def _pin_fails(self, area, first: int, last: int) -> bool:
+        """Pinning pages ``first..last`` of an area faults: a page nobody pins any more whose VA is gone."""
+        pages = area.pages
+        return any(pages.pin_count[i] == 0 and not self._alive(pages.base + i * PAGE) for i in range(first, last + 1))
+
+    def _fill_errno(self, ioas: Ioas, nest_parent: bool) -> int | None:
+        """Adding a domain to ``ioas`` fills it area by area in IOVA order: pin (EFAULT) then map (a
+        read-only area in a nest parent: EINVAL, errata 772415)."""
+        for area in ioas.iopt.areas:
+            if not area.domain_pinned and self._pin_fails(area, area.first_index, area.last_index):
+                return errno.EFAULT
+            if nest_parent and not area.prot & IOMMU_WRITE:
+                return errno.EINVAL
+        return None
+
+    def _new_area_errno(self, ioas: Ioas, area_pages_dead: bool, writable: bool) -> int | None:
+        """A new area is filled into every domain of the IOAS at once (none: nothing pinned yet)."""
+        if not ioas.iopt.domains:
+            return None
+        if area_pages_dead:
+            return errno.EFAULT
+        if not writable and any(h.nest_parent for h in ioas.hwpts):
+            return errno.EINVAL
+        return None
+
+    def _msi_conflict(self, ioas: Ioas) -> bool:
+        return any(a.iova <= MSI_RANGE.last and a.last >= MSI_RANGE.start for a in ioas.iopt.areas)
+
+    def _compat_errno(self, hwpt: Hwpt, idev: Device, pasid: int) -> int | None:
+        """The PASID rules of §3.7 and the device's own PASID support."""
+        attach = idev.igroup.attach
+        if pasid == 0:
+            if not hwpt.pasid_compat and any(p != 0 for p in attach):
+                return errno.EINVAL
+            return None
+        if not hwpt.pasid_compat:
+            return errno.EINVAL
+        rid = attach.get(0)
+        if rid is not None and rid.hwpt is not None and not rid.hwpt.pasid_compat:
+            return errno.EINVAL
+        if not idev.info.max_pasids:
+            return errno.EINVAL
+        return None
+
+    def _attach_errno(self, hwpt: Hwpt, idev: Device, pasid: int) -> int | None:
+        """``iommufd_hw_pagetable_attach``: a group uses one HWPT per PASID (a second device joins it with
+        no further check); a RID on a paging HWPT reserves the MSI window first."""
+        attach = idev.igroup.attach.get(pasid)
+        if attach is not None and attach.hwpt is not hwpt:
+            return errno.EINVAL
+        if isinstance(hwpt, HwptPaging) and pasid == 0 and self._msi_conflict(hwpt.ioas):
+            return errno.EADDRINUSE
+        if attach is not None:
+            return None
+        return self._compat_errno(hwpt, idev, pasid)
+
+    def _replace_errno(self, hwpt: Hwpt, idev: Device, pasid: int) -> int | None:
+        """``iommufd_device_do_replace``: the whole group moves, or nothing does."""
+        old = self.ictx.device_attached_hwpt(idev, pasid)
+        if hwpt is old:
+            return None
+        if (isinstance(hwpt, HwptPaging) and pasid == 0
+                and not (isinstance(old, HwptPaging) and old.ioas is hwpt.ioas) and self._msi_conflict(hwpt.ioas)):
+            return errno.EADDRINUSE
+        return self._compat_errno(hwpt, idev, pasid)
+
+    def _auto_errno(self, ioas: Ioas, idev: Device, pasid: int, replace: bool) -> int | None:
+        """``iommufd_device_auto_get_domain``: the IOAS's automatic domains are tried in turn (EINVAL means
+        incompatible: try the next), else a new one (flags 0: no PASID) is made."""
+        for hwpt in ioas.hwpts:
+            if not hwpt.auto_domain:
+                continue
+            err = self._replace_errno(hwpt, idev, pasid) if replace else self._attach_errno(hwpt, idev, pasid)
+            if err != errno.EINVAL:
+                return err
+        fresh = HwptPaging(self.ictx, ioas)   # a stand-in with the new domain's properties, never entered
+        fresh.pasid_compat = False
+        if replace:
+            # Allocated and filled first, then swapped in.
+            return self._fill_errno(ioas, False) or self._replace_errno(fresh, idev, pasid)
+        # Attached first (immediate_attach), then filled.
+        return self._attach_errno(fresh, idev, pasid) or self._fill_errno(ioas, False)
+
+    def _predict_attach(self, dev, target: int, pasid: int | None) -> int | None:
+        idev = dev.idev
+        index = pasid or 0
+        attached = (3 in dev._pasids) if pasid is not None else dev._rid_attached
+        obj = self.ictx._objects.get(target)
+        if obj is None:
+            return errno.ENOENT
+        if isinstance(obj, Ioas):
+            return self._auto_errno(obj, idev, index, attached)
+        if not isinstance(obj, Hwpt):
+            return errno.EINVAL
+        return self._replace_errno(obj, idev, index) if attached else self._attach_errno(obj, idev, index)
 
     def _ids(self, cls: type) -> list[int]:
         return [o.id for o in self.ictx._objects.values() if isinstance(o, cls)]
@@ -68,8 +186,12 @@ class IommufdMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def destroy(self, data) -> None:
         ids = list(self.ictx._objects) + [99]
-        obj_id = data.draw(st.sampled_from(ids))
-        self._try(self.ictx.destroy, obj_id)
+        # Half the time an object nothing holds: most objects are held, and EBUSY alone proves little.
+        free = [i for i, o in self.ictx._objects.items() if o.users == 1]
+        obj_id = data.draw(st.sampled_from(free if free and data.draw(st.booleans()) else ids))
+        obj = self.ictx._objects.get(obj_id)
+        predicted = errno.ENOENT if obj is None else (errno.EBUSY if obj.users != 1 else None)
+        self._try("destroy", predicted, self.ictx.destroy, obj_id)
         if obj_id not in self.ictx._objects:
             self.model.pop(obj_id, None)
 
@@ -85,7 +207,15 @@ class IommufdMachine(RuleBasedStateMachine):
         npages = min(npages, BUF_PAGES - first)
         iova = data.draw(st.sampled_from(IOVA_SLOTS)) if fixed else None
         flags = IOAS_MAP_READABLE | (IOAS_MAP_WRITEABLE if writable else 0)
-        out = self._try(self.ictx.ioas_map, ioas, va + first * PAGE, npages * PAGE, iova, flags)
+        start = va + first * PAGE
+        obj = self._obj(ioas)
+        predicted = None
+        if iova is not None and any(a.iova < iova + npages * PAGE and a.last >= iova for a in obj.iopt.areas):
+            predicted = errno.EEXIST
+        if predicted is None:
+            dead = any(not self._alive(start + i * PAGE) for i in range(npages))
+            predicted = self._new_area_errno(obj, dead, writable)
+        out = self._try("ioas_map", predicted, self.ictx.ioas_map, ioas, start, npages * PAGE, iova, flags)
         if out is not None:
             self.model[ioas][out] = (npages * PAGE, va + first * PAGE, flags)
 
@@ -94,17 +224,19 @@ class IommufdMachine(RuleBasedStateMachine):
         ioas_ids = self._ids(Ioas)
         if not ioas_ids:
             return
-        ioas = data.draw(st.sampled_from(ioas_ids))
+        mapping = [i for i in ioas_ids if self.model[i]]
+        ioas = data.draw(st.sampled_from(mapping if mapping and data.draw(st.integers(0, 3)) else ioas_ids))
         if whole:
-            if self._try(self.ictx.ioas_unmap, ioas, 0, (1 << 64) - 1) is not None:
+            # Everything, even nothing; accesses unpin what they hold through the default callback.
+            if self._try("ioas_unmap", None, self.ictx.ioas_unmap, ioas, 0, (1 << 64) - 1) is not None:
                 self.model[ioas].clear()
             return
         areas = sorted(self.model[ioas].items())
         if not areas:
-            self._try(self.ictx.ioas_unmap, ioas, 0x10_0000, PAGE)
+            self._try("ioas_unmap", errno.ENOENT, self.ictx.ioas_unmap, ioas, 0x10_0000, PAGE)
             return
         iova, (length, _, _) = data.draw(st.sampled_from(areas))
-        if self._try(self.ictx.ioas_unmap, ioas, iova, length) is not None:
+        if self._try("ioas_unmap", None, self.ictx.ioas_unmap, ioas, iova, length) is not None:
             del self.model[ioas][iova]
 
     @rule(data=st.data())
@@ -115,7 +247,11 @@ class IommufdMachine(RuleBasedStateMachine):
             return
         src, (iova, (length, va, flags)) = data.draw(st.sampled_from(srcs))
         dst = data.draw(st.sampled_from(ioas_ids))
-        out = self._try(self.ictx.ioas_copy, dst, None, src, iova, length, flags)
+        area = self._obj(src).iopt.area_at(iova)
+        # The copy shares the source's pages: only those nobody pins need their VA.
+        dead = self._pin_fails(area, area.index_of(iova)[0], area.index_of(iova + length - 1)[0])
+        predicted = self._new_area_errno(self._obj(dst), dead, bool(flags & IOAS_MAP_WRITEABLE))
+        out = self._try("ioas_copy", predicted, self.ictx.ioas_copy, dst, None, src, iova, length, flags)
         if out is not None:
             self.model[dst][out] = (length, va, flags)
 
@@ -124,44 +260,61 @@ class IommufdMachine(RuleBasedStateMachine):
         dev = data.draw(st.sampled_from(self.devs))
         ioas_ids = self._ids(Ioas)
         if ioas_ids:
-            self._try(self.ictx.hwpt_alloc, dev.dev_id, data.draw(st.sampled_from(ioas_ids)), flags)
+            ioas = data.draw(st.sampled_from(ioas_ids))
+            predicted = self._fill_errno(self._obj(ioas), bool(flags & HWPT_ALLOC_NEST_PARENT))
+            self._try("hwpt_alloc", predicted, self.ictx.hwpt_alloc, dev.dev_id, ioas, flags)
 
     @rule(data=st.data())
     def nested_alloc(self, data) -> None:
         parents = [h for h in self._ids(HwptPaging) if self.ictx._objects[h].nest_parent]
         if parents:
             dev = data.draw(st.sampled_from(self.devs))
-            self._try(self.ictx.hwpt_alloc, dev.dev_id, data.draw(st.sampled_from(parents)), HWPT_ALLOC_PASID,
-                      HwptVtdS1(0, 0x1000, 48))
+            # Stage-1 data is not checked at allocation (iommufd.md §6.1): an explicit parent always takes it.
+            self._try("nested_alloc", None, self.ictx.hwpt_alloc, dev.dev_id, data.draw(st.sampled_from(parents)),
+                      HWPT_ALLOC_PASID, HwptVtdS1(0, 0x1000, 48))
 
     @rule(data=st.data(), pasid=st.sampled_from([None, None, 3]))
     def attach(self, data, pasid: int | None) -> None:
         dev = data.draw(st.sampled_from(self.devs))
         targets = self._ids(Ioas) * 2 + self._ids(HwptPaging) + self._ids(HwptNested)
-        target = data.draw(st.sampled_from(targets)) if targets and data.draw(st.integers(0, 9)) else 99
-        self._try(dev.attach_pt, target, pasid)
+        if not targets:
+            return   # nothing to attach to (an unknown id is still tried below, one time in ten)
+        target = data.draw(st.sampled_from(targets)) if data.draw(st.integers(0, 9)) else 99
+        self._try("attach", self._predict_attach(dev, target, pasid), dev.attach_pt, target, pasid)
 
     @rule(data=st.data(), pasid=st.sampled_from([None, 3]))
     def detach(self, data, pasid: int | None) -> None:
-        self._try(data.draw(st.sampled_from(self.devs)).detach_pt, pasid)
+        self._try("detach", None, data.draw(st.sampled_from(self.devs)).detach_pt, pasid)
 
     @rule(data=st.data())
     def access_create(self, data) -> None:
         ioas_ids = self._ids(Ioas)
+        mapping = [i for i in ioas_ids if self.model[i]]
         if ioas_ids:
-            acc = self._try(self.ictx.access_create, data.draw(st.sampled_from(ioas_ids)))
+            ioas = data.draw(st.sampled_from(mapping if mapping and data.draw(st.integers(0, 3)) else ioas_ids))
+            acc = self._try("access_create", None, self.ictx.access_create, ioas)
             if acc is not None:
                 self.accesses.append(acc)
 
-    @precondition(lambda self: bool(self.accesses))
+    def _useful_accesses(self) -> list[Access]:
+        return [a for a in self.accesses if a.ioas is not None and self.model[a.ioas.id]]
+
+    @precondition(lambda self: bool(self._useful_accesses()))
     @rule(data=st.data(), npages=st.integers(1, 2))
     def access_pin(self, data, npages: int) -> None:
-        acc = data.draw(st.sampled_from(self.accesses))
+        # Mostly an access whose IOAS maps something: pins of nothing would only ever test ENOENT.
+        useful = self._useful_accesses()
+        acc = data.draw(st.sampled_from(useful if data.draw(st.integers(0, 4)) else self.accesses))
         if acc.ioas is None:
             return
-        areas = sorted(self.model[acc.ioas.id])
-        iova = data.draw(st.sampled_from(areas)) if areas else 0x10_0000
-        out = self._try(acc.pin_pages, iova, npages * PAGE)
+        areas = sorted(self.model[acc.ioas.id].items())
+        iova = 0x10_0000
+        if areas:
+            iova, (length, _, _) = data.draw(st.sampled_from(areas))
+            if data.draw(st.integers(0, 3)):
+                npages = min(npages, length // PAGE)   # mostly inside the area; sometimes past it
+        out = self._try("access_pin", self._predict_pin(acc.ioas, iova, npages * PAGE), acc.pin_pages, iova,
+                        npages * PAGE)
         if out is not None:
             self.pins.append((acc, out[0]))
 
@@ -237,6 +390,22 @@ class IommufdMachine(RuleBasedStateMachine):
                 assert self.host.read_user(expect, 4) == payload
         elif page is not None:
             assert out.data == self.host.read_user(expect, 4)
+
+    def _predict_pin(self, ioas: Ioas, iova: int, length: int) -> int | None:
+        """``iommufd_access_pin_pages``: slice by slice along the run of adjacent areas from ``iova``
+        (a slice whose pages cannot be pinned: EFAULT), and the run must reach the end (ENOENT)."""
+        last = iova + length - 1
+        cur = iova
+        while True:
+            area = next((a for a in ioas.iopt.areas if a.iova <= cur <= a.last), None)
+            if area is None or (cur != iova and area.iova != cur):
+                return errno.ENOENT
+            end = min(last, area.last)
+            if self._pin_fails(area, area.index_of(cur)[0], area.index_of(end)[0]):
+                return errno.EFAULT
+            if end == last:
+                return None
+            cur = end + 1
 
     def _alive(self, va: int) -> bool:
         return any(alive and v <= va < v + BUF_PAGES * PAGE for v, alive in self.buffers)
@@ -318,7 +487,16 @@ class IommufdMachine(RuleBasedStateMachine):
                 assert addr is None or self.host.ram.read_u64(addr) & 1 == 0
 
 
-IommufdMachine.TestCase.settings = settings(max_examples=35, stateful_step_count=30, deadline=None,
-                                            suppress_health_check=[HealthCheck.too_slow])
-TestIommufdStateMachine = IommufdMachine.TestCase
+def test_iommufd_state_machine() -> None:
+    OUTCOMES.clear()
+    run_state_machine_as_test(IommufdMachine, settings=settings(
+        max_examples=120, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]))
+    for op, fraction in MIN_SUCCESS.items():
+        tries = sum(n for (o, _), n in OUTCOMES.items() if o == op)
+        ok = OUTCOMES[op, "ok"]
+        assert tries >= MIN_ATTEMPTS or op not in ALWAYS_TRIED, f"{op} tried only {tries} times"
+        if tries < MIN_ATTEMPTS:
+            continue   # too few to judge a fraction (each attempt's errno was still checked)
+        assert ok >= fraction * tries, (f"{op}: {ok} of {tries} succeeded, fewer than {fraction:.0%}; "
+                                        f"failures {[(k[1], n) for k, n in OUTCOMES.items() if k[0] == op]}")
 
