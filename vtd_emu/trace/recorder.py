@@ -118,7 +118,7 @@ class Recorder:
                     f"event {rp.index}")
         ev = Event(op, fields, expect, note, "")
         before = len(rp.out_events)
-        rp._event(ev)
+        rp.apply(ev)
         rec = rp.out_events[before]
         assert isinstance(rec, Event)
         return rec.expect or {}

@@ -253,11 +253,11 @@ def memory_hash(ram: HostRAM, ranges: str | list[tuple[int, int]] = "all") -> st
     as (addr, len, bytes).  Never-written and all-zero pages hash alike, so sparse layouts do not matter."""
     h = hashlib.sha256()
     if isinstance(ranges, str):
-        pf = sorted(ram._rows.items())
+        pf = sorted(ram.page_rows().items())
         if pf:
             pfns = np.fromiter((p for p, _ in pf), np.uint64, len(pf))
             rows = np.fromiter((r for _, r in pf), np.int64, len(pf))
-            pages = ram._pool[rows]
+            pages = ram.u64_pool()[rows]
             nz = pages.any(axis=1)
             for p, page in zip(pfns[nz].tolist(), pages[nz]):
                 h.update(int(p).to_bytes(8, "little"))
@@ -361,7 +361,7 @@ class Replayer:
                         self._block(ev.slice(a, min(len(ev), a + step)))
                         self.progress(self.index, total)  # type: ignore[misc]
             else:
-                self._event(ev)
+                self.apply(ev)
             if self.progress is not None:
                 now = time.perf_counter()
                 if now - last >= 0.2:
@@ -415,7 +415,8 @@ class Replayer:
             self._mis(i, ev.op, ev.where, what, exp, act)
 
     # -- one event -----------------------------------------------------------------------------------
-    def _event(self, ev: Event) -> None:
+    def apply(self, ev: Event) -> None:
+        """Replay one event now and check its expectations (the recorder drives a replay this way)."""
         i = self.index
         self.index += 1
         op = ev.op
