@@ -21,6 +21,7 @@ from vtd_emu.host import (HWPT_ALLOC_DIRTY_TRACKING, HWPT_ALLOC_NEST_PARENT, HWP
 from vtd_emu.host.iommufd import HwptPaging
 from vtd_emu.host.uapi import IOCTL, U32_MAX, U64_MAX
 from vtd_emu.vtd.config import VtdConfig
+from vtd_emu.vtd.iommu import Translation
 
 PAGE = 4096
 HUGE = 2 << 20
@@ -304,12 +305,19 @@ def md(request):
 
 
 def check_map(md: dict, iova: int, va: int, length: int) -> None:
+    """MD_CHECK_MAP: the physical unit translates every page of [iova, +length), for each device (each
+    on its own HWPT in two_domains), to the host page the VMM's own page table has behind ``va``, with
+    read and write allowed; and a DMA of each page reads what the VMM wrote there."""
     host = md["host"]
-    for hwpt_id in md["hwpts"]:
-        dom = md["ictx"]._objects[hwpt_id].domain
+    for dev in md["devs"]:
         for off in range(0, length, PAGE):
-            hit = dom.table.lookup(iova + off)
-            assert hit is not None and hit[0] & ~(PAGE - 1) == host.process._page(va + off, create=False)
+            tr = host.iommu.translate(dev.sid, iova + off, "rw")
+            assert isinstance(tr, Translation), f"{dev!r}: iova {iova + off:#x} faults: {tr}"
+            expect = host.process._page(va + off, create=False)
+            assert expect is not None and tr.addr == expect, f"iova {iova + off:#x} -> {tr.addr:#x}, not {expect:#x}"
+        first, last = iova, iova + length - 8
+        for a, v in ((first, va), (last, va + length - 8)):
+            assert dev.dma_read(a, 8).data == host.read_user(v, 8)
 
 
 def test_md_basic(md: dict) -> None:

@@ -109,7 +109,29 @@ def check_map(e: Env, hwpt_id: int, iova: int, va: int, length: int) -> None:
 # -- lifetime --------------------------------------------------------------------------------------
 
 def test_ioas_auto_destroy(env: Env) -> None:
-    pass
+    """Closing the fd destroys the IOAS even where DESTROY could not (devices attached, domains in it):
+    devices unbound, domains freed with their table pages and DIDs, entries torn down, no pin left."""
+    host, ictx = env.host, env.ictx
+    ictx.ioas_map(env.ioas, env.buffer, 4 * PAGE, iova=BASE)
+    if env.has_domain:
+        expect_errno(errno.EBUSY, ictx.destroy, env.ioas)
+        assert host.pinned_pages == 4
+    domains = [domain_of(env, h) for h in env.hwpt_ids]
+    table_pages = [p for d in domains for p in d._pages.pages]
+    assert bool(table_pages) == env.has_domain
+    devices = env.devices + ([env.pasid_dev] if env.pasid_dev is not None else [])
+    ictx.close()
+    assert ictx.closed and ictx.objects() == []
+    assert host.pinned_pages == 0 and host.process.pins == {}
+    assert all(d.freed for d in domains)
+    assert set(table_pages) <= set(host.driver_pool.free_list)
+    assert host.intel._dids == set()
+    assert host.group_owner == {}
+    for dev in devices:
+        assert dev.idev is None and dev.info.domains == {}
+        # Back to blocked DMA: the RID's entry is gone, so the unit refuses the request.
+        assert not dev.dma_write(BASE, b"gone")
+    expect_errno(errno.EBADF, ictx.ioas_alloc)
 
 
 def test_ioas_destroy(env: Env) -> None:

@@ -355,7 +355,10 @@ class IommufdMachine(RuleBasedStateMachine):
         dev = data.draw(st.sampled_from(attached if attached and data.draw(st.integers(0, 9)) else self.devs))
         idev = dev.idev
         assert idev is not None
-        hwpt = self.ictx.device_attached_hwpt(idev, 0)
+        # What translates is the group's HWPT: the first attach programs every device of the IOMMU group
+        # (docs/host.md), attached through iommufd or not.
+        group_attach = idev.igroup.attach.get(0)
+        hwpt = group_attach.hwpt if group_attach is not None else None
         mapped = []
         if isinstance(hwpt, HwptPaging):
             mapped = [iova + off for iova, (n, _, _) in self.model[hwpt.ioas.id].items() for off in (0, n - 8)]
