@@ -11,7 +11,8 @@ from typing import Callable
 
 from ..spec.consts import CCMD, GCMD, GSTS, ICS, IOTLB, IVA, RTADDR
 from .caches import sid_matches
-from .descriptors import ContextInvalidation, Invalidation, IotlbInvalidation
+from .descriptors import (ContextInvalidation, ControlEvent, Invalidation, IotlbInvalidation, RootTableLatched,
+                          TranslationEnableChanged)
 from .state import ChipState
 
 TE, SRTP, SFL, EAFL, WBF, QIE, IRE, SIRTP, CFI = (GCMD.TE, GCMD.SRTP, GCMD.SFL, GCMD.EAFL, GCMD.WBF, GCMD.QIE,
@@ -47,6 +48,18 @@ class RegisterControl(ChipState):
     def notify_invalidation(self, inv: Invalidation) -> None:
         for obs in list(self.invalidation_observers):
             obs(inv)
+
+    def add_control_observer(self, observer: Callable[[ControlEvent], None]) -> None:
+        """Call ``observer`` with every :data:`~.descriptors.ControlEvent` from now on (root table latched,
+        translation enabled or disabled, invalidation wait reached, queue idle, reset)."""
+        self.control_observers.append(observer)
+
+    def remove_control_observer(self, observer: Callable[[ControlEvent], None]) -> None:
+        self.control_observers.remove(observer)
+
+    def notify_control(self, event: ControlEvent) -> None:
+        for obs in list(self.control_observers):
+            obs(event)
 
     # -- GCMD handshake ----------------------------------------------------------------------------
     def _gcmd_written(self, index: int, old: int, new: int, value: int, wmask: int) -> None:
@@ -86,6 +99,8 @@ class RegisterControl(ChipState):
         self.pt_bypass.clear()
         if not on and q.te_off_resets_fri:
             self.faults.reset_index()
+        if self.control_observers:
+            self.notify_control(TranslationEnableChanged(on))
 
     def _latch_root(self) -> None:
         rt = self.regs.get("RTADDR")
@@ -100,6 +115,8 @@ class RegisterControl(ChipState):
             self.caches.flush_all()
         self.caches.front.clear()
         self.pt_bypass.clear()
+        if self.control_observers:
+            self.notify_control(RootTableLatched(self.root_addr, self.root_scalable))
 
     def _set_qie(self, on: bool) -> None:
         if self.qi is not None:

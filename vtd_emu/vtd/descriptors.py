@@ -5,6 +5,11 @@ and 6-9 of the invalidation queue) — is described by one of these NamedTuples 
 registered with :meth:`VtdIommu.add_invalidation_observer`, after the unit's own caches were invalidated
 (cold path only).  A vIOMMU bridge forwards them to the host.  A descriptor the queue refuses (IQE) was
 not performed and is not reported.
+
+The unit's other state changes a vIOMMU reconciles on — the root table pointer latched, translation
+switched on or off, an invalidation wait reached, the queue run dry, a system reset — are
+:data:`ControlEvent` NamedTuples handed to the callables registered with
+:meth:`VtdIommu.add_control_observer` (cold path too).
 """
 
 from __future__ import annotations
@@ -88,8 +93,47 @@ class PageGroupResponse(NamedTuple):
     matched: bool
 
 
+class RootTableLatched(NamedTuple):
+    """GCMD.SRTP latched RTADDR: the root table at ``root`` (``scalable``: TTM selected scalable mode)."""
+
+    root: int
+    scalable: bool
+
+
+class TranslationEnableChanged(NamedTuple):
+    """GCMD.TE changed: DMA remapping is now ``enabled`` (GSTS.TES already reflects it)."""
+
+    enabled: bool
+
+
+class InvalidationWait(NamedTuple):
+    """The queue reached the invalidation-wait descriptor in slot ``slot`` and is about to perform it:
+    every earlier descriptor has been carried out.  An observer that still has work to complete for those
+    descriptors does it now (and may report its failure with ``InvalidationQueue.report_timeout``, which
+    makes this wait abort with ITE)."""
+
+    slot: int
+    sw: bool
+    interrupt: bool
+
+
+class QueueIdle(NamedTuple):
+    """The queue stopped fetching with IQH at slot ``head`` (it reached IQT, or an error or a disable
+    stopped it): the end of a batch of queued descriptors."""
+
+    head: int
+
+
+class UnitReset(NamedTuple):
+    """The unit was reset (:meth:`VtdIommu.reset`): registers at their defaults, caches empty, translation
+    and the queue off."""
+
+
+ControlEvent = RootTableLatched | TranslationEnableChanged | InvalidationWait | QueueIdle | UnitReset
+
 Invalidation = (ContextInvalidation | IotlbInvalidation | PasidIotlbInvalidation | PasidCacheInvalidation
                 | DeviceTlbInvalidation | IecInvalidation | PageGroupResponse)
 
 __all__ = ["ContextInvalidation", "IotlbInvalidation", "PasidIotlbInvalidation", "PasidCacheInvalidation",
-           "DeviceTlbInvalidation", "IecInvalidation", "PageGroupResponse", "Invalidation"]
+           "DeviceTlbInvalidation", "IecInvalidation", "PageGroupResponse", "Invalidation", "RootTableLatched",
+           "TranslationEnableChanged", "InvalidationWait", "QueueIdle", "UnitReset", "ControlEvent"]

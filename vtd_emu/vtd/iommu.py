@@ -25,6 +25,7 @@ from .ats import AtsCompletion, AtsDevice, chip_translate, chip_translated_acces
 from .caches import Caches
 from .config import VtdConfig
 from .control import RegisterControl
+from .descriptors import UnitReset
 from .dma import DmaPort
 from .entries import DROPPED, INTR_HI, INTR_LO
 from .events import EventUnit, Interrupt
@@ -49,6 +50,7 @@ class VtdIommu(RegisterControl, Inspector, DmaPort):
         self.interrupts = []
         self.on_interrupt = on_interrupt
         self.invalidation_observers = []
+        self.control_observers = []
         self.regs = RegisterFile(cfg)
         # The upper MSI address register is only used by units with extended interrupt mode.
         uaddr = not q.qemu_register_widths and bool(cfg.ecap_field("EIM"))
@@ -146,6 +148,17 @@ class VtdIommu(RegisterControl, Inspector, DmaPort):
         return self.intremap.remap(sid, addr, data)
 
     # -- state -------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """System reset: every register back to its default, caches, queue, fault records and latched
+        state dropped, translation off.  What is outside the unit survives: the endpoints behind it (their
+        device TLBs are theirs), the interrupt sink, the observers (then told :class:`UnitReset`)."""
+        observers, controls = self.invalidation_observers, self.control_observers
+        devices, on_interrupt = self.devices, self.on_interrupt
+        VtdIommu.__init__(self, self.mem, self.cfg, on_interrupt=on_interrupt, sanitize="xlate" in self.__dict__)
+        self.invalidation_observers, self.control_observers, self.devices = observers, controls, devices
+        if controls:
+            self.notify_control(UnitReset())
+
     def fault_records(self) -> list[FaultRecord]:
         return self.faults.records()
 

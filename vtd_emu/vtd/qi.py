@@ -19,7 +19,8 @@ from ..spec import Field, specs
 from ..spec.consts import GSTS, ICS, IQA, IQERCD, IQH, IQT
 from .access import NO_PASID
 from .config import VtdConfig
-from .descriptors import DeviceTlbInvalidation, IecInvalidation, PasidCacheInvalidation, PasidIotlbInvalidation
+from .descriptors import (DeviceTlbInvalidation, IecInvalidation, InvalidationWait, PasidCacheInvalidation,
+                          PasidIotlbInvalidation, QueueIdle)
 from .faults import ICE, IQE, ITE
 
 if TYPE_CHECKING:
@@ -234,8 +235,21 @@ class InvalidationQueue:
             while self._rerun:
                 self._rerun = False
                 self._fetch()
+            chip = self.chip
+            if chip.control_observers:
+                chip.notify_control(QueueIdle(self.head))
+                # Work an observer completed only now (a forwarded invalidation) may still have failed.
+                if self.pending_timeout is not None and self.enabled and not self.regs.get("FSTS") & _BLOCKING:
+                    self._timeout()
         finally:
             self._busy = False
+
+    def report_timeout(self, sid: int) -> None:
+        """An invalidation carried out outside the unit on behalf of requester ``sid`` (a device TLB, a
+        host IOMMU a vIOMMU forwards to) did not complete: the next invalidation wait is aborted and ITE
+        set with ITESID ``sid``, as for a device-TLB invalidation that never completes."""
+        if self.pending_timeout is None:
+            self.pending_timeout = sid
 
     def _fetch(self) -> None:
         if not self.enabled or self.regs.get("FSTS") & _BLOCKING:
@@ -377,6 +391,10 @@ class InvalidationQueue:
         if self.qemu_desc and sw == iflag:
             # QEMU 7.2 rejects a wait with neither SW nor IF, and aborts on both (modelled as IQE).
             return IQEI_NO_INFO
+        chip = self.chip
+        if chip.control_observers:
+            # Before the wait completes: whatever an observer does for the earlier descriptors is part of them.
+            chip.notify_control(InvalidationWait(self.head, bool(sw), bool(iflag)))
         if self.pending_timeout is not None:
             # This wait cannot complete before the device-TLB invalidation that timed out: aborted.
             self.abort_wait = True

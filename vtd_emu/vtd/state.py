@@ -23,7 +23,7 @@ from .walk import ADDR_MASK, SS_CODES_SM, Geometry
 if TYPE_CHECKING:
     from ..spec import Field
     from .ats import AtsDevice
-    from .descriptors import Invalidation
+    from .descriptors import ControlEvent, Invalidation
     from .intremap import InterruptRemapper
     from .prq import PageRequestUnit, PageResponse
     from .qi import InvalidationQueue
@@ -47,6 +47,7 @@ class ChipState:
     interrupts: list[Interrupt]
     on_interrupt: Callable[[Interrupt], None] | None
     invalidation_observers: list[Callable[[Invalidation], None]]
+    control_observers: list[Callable[[ControlEvent], None]]
     qi: InvalidationQueue | None
     prq: PageRequestUnit | None
     intremap: InterruptRemapper | None
