@@ -1,0 +1,19 @@
+"""The vIOMMU machine: a guest with a virtual VT-d whose passthrough devices get nested translation on the
+(modelled) physical VT-d, as QEMU + Linux iommufd do it (``docs/vmm.md``).
+
+:class:`Machine` composes a :class:`~vtd_emu.host.Host`, guest RAM mapped into one IOAS, a
+:class:`~vtd_emu.vtd.iommu.VtdIommu` over that RAM and guest devices (:class:`EmulatedDevice`,
+:class:`PassthroughDevice`); :class:`Bridge` reconciles the guest's binds and forwards its invalidations,
+logging every host call as a :class:`BridgeAction`; :mod:`.caps` checks the vIOMMU against the host.
+"""
+
+from __future__ import annotations
+
+from .bridge import (FORWARDING_MODES, BindState, Bridge, BridgeAction, BridgeStats, Desired, Trigger)
+from .caps import CHECKS, DEFAULT_VIOMMU, CapabilityError, viommu_config
+from .devices import DeviceDma, EmulatedDevice, GuestDevice, PassthroughDevice
+from .machine import GuestRam, Machine
+
+__all__ = ["Machine", "GuestRam", "Bridge", "BridgeAction", "BridgeStats", "BindState", "Trigger", "Desired",
+           "FORWARDING_MODES", "CapabilityError", "CHECKS", "DEFAULT_VIOMMU", "viommu_config", "DeviceDma",
+           "EmulatedDevice", "PassthroughDevice", "GuestDevice"]
