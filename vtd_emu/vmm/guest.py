@@ -199,7 +199,8 @@ class GuestDriver:
         self.slts = not scalable or bool(ecapf("SLTS"))
         self.pasid_bits = ecapf("PSS") + 1 if scalable and ecapf("PASID") else 0
         self.ats_ok = self.qi and bool(ecapf("DT"))
-        self.pri_ok = scalable and bool(ecapf("PRS"))
+        self.prs = bool(ecapf("PRS"))
+        self.pri_ok = scalable and self.prs
         sagaw = capf("SAGAW")
         # iommu->agaw (__iommu_calculate_agaw): the deepest second-stage table SAGAW offers, up to 5 levels.
         self.agaw = max((a for a in (1, 2, 3) if sagaw >> a & 1), default=2)
@@ -275,7 +276,7 @@ class GuestDriver:
         self.flush_write_buffer()
         self._set_root_entry()
         self.flush_write_buffer()
-        if self.pri_ok:
+        if self.prs:
             self._enable_prq()
         self._set_fault_interrupt()
         if enable_translation:
@@ -297,7 +298,8 @@ class GuestDriver:
         """``__dmar_enable_qi``: IQT=0, IQA (DW and QS=1 in scalable mode), GCMD.QIE, wait QIES."""
         pages = 2 if self.scalable else 1
         if not self.qi_base:
-            self.qi_base = self.alloc.alloc(pages)
+            # Page allocations of order n are naturally aligned (the buddy allocator), as below.
+            self.qi_base = self.alloc.alloc(pages, align=pages * PAGE_4K)
             self.qi_status = self.alloc.alloc()
         self.qi_tail = 0
         iqa = self.qi_base
@@ -335,7 +337,7 @@ class GuestDriver:
 
     def _enable_prq(self) -> None:
         """``intel_iommu_enable_prq``: the interrupt is set up, then PQH, PQT, PQA."""
-        self.prq_base = self.alloc.alloc(1 << PRQ_ORDER)
+        self.prq_base = self.alloc.alloc(1 << PRQ_ORDER, align=PAGE_4K << PRQ_ORDER)
         self.prq_mask = (PAGE_4K << PRQ_ORDER) - 32
         self._w("PEDATA", _PRQ_VECTOR, 4)
         self._w("PEADDR", _MSI_ADDR, 4)
@@ -690,7 +692,6 @@ class GuestDriver:
         dev.context = True
         if self.cm:
             self.flush_context(0, dev.sid, 0, 3)
-            self.qi_submit([self.invalidate_pasid_cache(3)])
             self.flush_iotlb(0, 0, 0, 2)
         else:
             self.flush_write_buffer()
@@ -848,7 +849,9 @@ class GuestDriver:
             return self.invalidate_piotlb(3, domain.did, pasid, addr, mask, ih)
         if mask is None or not self.psi or mask > self.mamv:
             return self.invalidate_iotlb(2, domain.did)
-        return self.invalidate_iotlb(3, domain.did, addr, mask, ih)
+        # Linux passes the hint as bit 0 of the address (``addr | ih``), which QI_IOTLB_ADDR masks off:
+        # its page-selective IOTLB descriptors always carry IH=0.
+        return self.invalidate_iotlb(3, domain.did, addr, mask, False)
 
     def _issue(self, descs: list[_Desc]) -> None:
         if self.qi:
