@@ -94,10 +94,11 @@ def ats_size_pages(addr: int, s: int) -> int:
     return 1 << (b - 12 + 1)
 
 
-SCALABLE = ("modern", {})
-SCALABLE_CM = ("modern", {"cap.CM": 1, "cap.ESRTPS": 0})
-LEGACY = ("qemu-7.2-default", {})
-LEGACY_CM = ("qemu-7.2-default", {"cap.CM": 1})
+Cfg = tuple[str, dict[str, int]]
+SCALABLE: Cfg = ("modern", {})
+SCALABLE_CM: Cfg = ("modern", {"cap.CM": 1, "cap.ESRTPS": 0})
+LEGACY: Cfg = ("qemu-7.2-default", {})
+LEGACY_CM: Cfg = ("qemu-7.2-default", {"cap.CM": 1})
 
 
 # -- bring-up --------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_scalable_without_qi_is_refused() -> None:
 
 @pytest.mark.parametrize("cfg,kind", [(LEGACY, "ss"), (LEGACY_CM, "ss"), (SCALABLE, "ss"), (SCALABLE_CM, "ss"),
                                       (SCALABLE, "fs"), (SCALABLE_CM, "fs")])
-def test_map_dma_unmap_strict(cfg: tuple[str, dict[str, int]], kind: str) -> None:
+def test_map_dma_unmap_strict(cfg: Cfg, kind: str) -> None:
     ram, iommu, rec, drv = make(*cfg)
     sid = 0x0110
     dom = drv.domain_alloc(kind)
@@ -318,7 +319,7 @@ def test_caching_mode_forces_strict_for_second_stage_defaults() -> None:
 
 
 @pytest.mark.parametrize("cfg", [LEGACY, SCALABLE])
-def test_ats_device_gets_device_tlb_invalidations(cfg: tuple[str, dict[str, int]]) -> None:
+def test_ats_device_gets_device_tlb_invalidations(cfg: Cfg) -> None:
     ram, iommu, rec, drv = make(cfg[0], {**cfg[1], "ecap.DT": 1})
     sid = 0x0208
     ep = iommu.attach_device(sid, ats=True)
@@ -516,7 +517,7 @@ _op = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=st.sampled_from([LEGACY, LEGACY_CM, SCALABLE, SCALABLE_CM]), kind=st.sampled_from(["ss", "fs"]),
        ops=st.lists(_op, min_size=1, max_size=25))
-def test_strict_map_unmap_matches_a_dict_model(cfg: tuple[str, dict[str, int]], kind: str,
+def test_strict_map_unmap_matches_a_dict_model(cfg: Cfg, kind: str,
                                                ops: list[tuple[str, int, int, int, int]]) -> None:
     if kind == "fs" and cfg[0] != "modern":
         kind = "ss"
@@ -548,3 +549,35 @@ def test_strict_map_unmap_matches_a_dict_model(cfg: tuple[str, dict[str, int]], 
                     assert isinstance(t, Fault), (p, access, t)
                 else:
                     assert isinstance(t, Translation) and t.addr == want[0] + 0x18, (p, access, t)
+
+
+def test_tear_down_of_a_pri_device_drains_page_requests() -> None:
+    ram, iommu, rec, drv = make(*SCALABLE)
+    sid = 0x58
+    iommu.attach_device(sid, ats=True, pri=True)
+    ss = drv.domain_alloc("ss")
+    drv.attach_device(sid, ss, ats=True, pri=True)
+    mm = FirstStageTable(ram, PageAllocator(ram, 0x200_0000, 0x300_0000))
+    sva = drv.bind_pasid(sid, 4, mm.root)
+    n = len(drv.log)
+    drv.unbind_pasid(sid, 4)
+    d = descs(drv, n)
+    # intel_pasid_tear_down_entry, then intel_iommu_drain_pasid_prq: fenced wait, P-IOTLB, PASID
+    # device TLB (whole), wait with PD=1.
+    names = [x[0] for x in d]
+    assert names[-4:] == ["wait", "pasid-iotlb", "pasid-device-tlb", "wait"]
+    fence, piotlb, dtlb, wait = (x[1] for x in d[-4:])
+    assert fence["FN"] == 1 and fence["SW"] == 0 and wait["PD"] == 1 and wait["SW"] == 1
+    assert piotlb["G"] == 2 and piotlb["DID"] == sva.did and piotlb["PASID"] == 4
+    assert dtlb["PASID"] == 4 and dtlb["S"] == 1 and dtlb["ADDR"] == (1 << 63) - 1 & ~0xFFF
+
+
+def test_service_faults_reads_and_clears_fault_records() -> None:
+    ram, iommu, rec, drv = make(*LEGACY)
+    assert drv.service_faults() == []
+    assert not iommu.dma_write(0x0321, 0x5000, b"x").ok          # bus 3 has no root entry
+    assert iommu.mmio_read(off("FSTS"), 4) & consts.FSTS.PPF
+    got = drv.service_faults()
+    assert [(f["SID"], f["FR"], f["FI"] << 12) for f in got] == [(0x0321, consts.FR.ROOT_ENTRY_P, 0x5000)]
+    assert not iommu.mmio_read(off("FSTS"), 4) & consts.FSTS.PPF
+    assert not iommu.fault_records()

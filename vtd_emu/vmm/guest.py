@@ -423,10 +423,11 @@ class GuestDriver:
     def _set_status(self, index: int, value: int) -> None:
         self.mem.write(self.qi_status + 4 * index, value.to_bytes(4, "little"))
 
-    def qi_submit(self, descs: Sequence[_Desc], *, wait: bool = True) -> QiResult:
+    def qi_submit(self, descs: Sequence[_Desc], *, wait: bool = True, drain: bool = False) -> QiResult:
         """``qi_submit_sync``: place ``descs`` at the tail (plus a wait descriptor writing QI_DONE to its
-        status slot), advance IQT and poll the status, handling errors as ``qi_check_fault`` does.  Never
-        raises for what the unit does; returns how it ended."""
+        status slot, with PD=1 if ``drain``: QI_OPT_WAIT_DRAIN), advance IQT and poll the status,
+        handling errors as ``qi_check_fault`` does.  Never raises for what the unit does; returns how it
+        ended."""
         if not self.qi or not self.qi_base:
             raise GuestDriverError("queued invalidation is not enabled (init() with qi=True first)")
         if len(descs) + 1 >= QI_LENGTH:
@@ -441,7 +442,7 @@ class GuestDriver:
         wait_desc: _Desc = ()
         if wait:
             self._set_status(wait_index, QI_IN_USE)
-            wait_desc = make_descriptor(T_WAIT, SW=1, STATUS_DATA=QI_DONE,
+            wait_desc = make_descriptor(T_WAIT, SW=1, PD=int(drain), STATUS_DATA=QI_DONE,
                                         STATUS_ADDR=self.qi_status + 4 * wait_index)
             self._put_desc(wait_index, wait_desc)
             n += 1
@@ -747,6 +748,21 @@ class GuestDriver:
             self.qi_submit([self.invalidate_devtlb(dev.sid, 0, 64 - 12, pasid=p)])
         pt.clear_entry(index)
         self._tag_unassign(domain, dev, index)
+        if dev.pri:
+            self._drain_prq(dev, index, domain.did)
+
+    def _drain_prq(self, dev: _Device, index: int, did: int) -> None:
+        """``intel_iommu_drain_pasid_prq``: a fenced wait, the IOTLB and device TLB of the PASID, and a
+        wait with PD=1 that completes only once the unit has drained its page requests.  (Linux first
+        waits for its PRQ thread to consume queued requests of the PASID and retries while PRSTS.PRO is
+        set; here the caller services the queue with :meth:`service_prq`.)"""
+        fence = make_descriptor(T_WAIT, FN=1, STATUS_DATA=QI_DONE)
+        if index == IOMMU_NO_PASID:
+            flush = [self.invalidate_iotlb(2, did), self.invalidate_devtlb(dev.sid, 0, MAX_AGAW_PFN_WIDTH)]
+        else:
+            flush = [self.invalidate_piotlb(2, did, index),
+                     self.invalidate_devtlb(dev.sid, 0, MAX_AGAW_PFN_WIDTH, pasid=index)]
+        self.qi_submit([fence, *flush], drain=True)
 
     def detach_device(self, sid: int, *, pasid: int | None = None) -> None:
         """Back to blocking: the context entry (legacy) or the PASID entry (scalable) torn down."""
