@@ -581,3 +581,29 @@ def test_service_faults_reads_and_clears_fault_records() -> None:
     assert [(f["SID"], f["FR"], f["FI"] << 12) for f in got] == [(0x0321, consts.FR.ROOT_ENTRY_P, 0x5000)]
     assert not iommu.mmio_read(off("FSTS"), 4) & consts.FSTS.PPF
     assert not iommu.fault_records()
+
+
+def test_legacy_replace_clears_the_context_then_installs_the_new_domain() -> None:
+    ram, iommu, rec, drv = make(*LEGACY_CM)
+    sid = 0x0220
+    a, b = drv.domain_alloc("ss"), drv.domain_alloc("ss")
+    drv.map(a, 0x1000, DATA, PAGE_4K, R | W)
+    drv.map(b, 0x1000, DATA + 0x8000, PAGE_4K, R | W)
+    n = len(drv.log)
+    drv.attach_device(sid, a)
+    # Not-present to present under CM: context device-selective in domain 0, IOTLB DSI of the new DID.
+    assert no_waits(descs(drv, n)) == [("context-cache", {"G": 3, "DID": 0, "SID": sid, "FM": 0}),
+                                       ("iotlb", {"G": 2, "DW": 1, "DR": 1, "DID": a.did, "AM": 0, "IH": 0,
+                                                  "ADDR": 0})]
+    assert iommu.translate(sid, 0x1000, "r").addr == DATA
+    n = len(drv.log)
+    drv.attach_device(sid, b)
+    assert no_waits(descs(drv, n)) == [
+        ("context-cache", {"G": 3, "DID": a.did, "SID": sid, "FM": 0}),
+        ("iotlb", {"G": 2, "DW": 1, "DR": 1, "DID": a.did, "AM": 0, "IH": 0, "ADDR": 0}),
+        ("context-cache", {"G": 3, "DID": 0, "SID": sid, "FM": 0}),
+        ("iotlb", {"G": 2, "DW": 1, "DR": 1, "DID": b.did, "AM": 0, "IH": 0, "ADDR": 0})]
+    assert iommu.translate(sid, 0x1000, "r").addr == DATA + 0x8000
+    drv.detach_device(sid)
+    r = iommu.translate(sid, 0x1000, "r")
+    assert isinstance(r, Fault) and r.reason == consts.FR.CONTEXT_ENTRY_P
