@@ -12,8 +12,9 @@ from __future__ import annotations
 from .bridge import (FORWARDING_MODES, BindState, Bridge, BridgeAction, BridgeStats, Desired, Trigger)
 from .caps import CHECKS, DEFAULT_VIOMMU, CapabilityError, viommu_config
 from .devices import DeviceDma, EmulatedDevice, GuestDevice, PassthroughDevice
+from .guest import GuestDriver
 from .machine import GuestRam, Machine
 
 __all__ = ["Machine", "GuestRam", "Bridge", "BridgeAction", "BridgeStats", "BindState", "Trigger", "Desired",
            "FORWARDING_MODES", "CapabilityError", "CHECKS", "DEFAULT_VIOMMU", "viommu_config", "DeviceDma",
-           "EmulatedDevice", "PassthroughDevice", "GuestDevice"]
+           "EmulatedDevice", "PassthroughDevice", "GuestDevice", "GuestDriver"]
