@@ -44,6 +44,8 @@ from vtd_emu.tables import (  # noqa: E402
     enable_translation,
 )
 from vtd_emu.memory import GuestPhysView  # noqa: E402
+from vtd_emu.spec import specs  # noqa: E402
+from vtd_emu.vmm import GuestDriver  # noqa: E402
 from vtd_emu.trace.model import Trace, TraceConfig, blockify, save_trace  # noqa: E402
 from vtd_emu.trace.recorder import Recorder  # noqa: E402
 from vtd_emu.vtd.qi import (  # noqa: E402
@@ -410,6 +412,178 @@ def host_passthrough() -> Trace:
     return rec.trace()
 
 
+# -- vIOMMU machines (format vtd-trace/2) --------------------------------------------------------------
+
+VSID = 0x0310           # the passthrough device, at the same requester id on host and guest
+VPASID = 0x42           # the PASID a guest process is bound to
+GVA = 0x7F12_3400_0000  # a user address of that process
+PAGE = 0x1000
+
+
+def vmm_recorder(name: str, description: str, *, forwarding: str = "coalesced", ats: bool = False,
+                 strict: bool = True) -> tuple[Recorder, GuestDriver]:
+    """A recorder on a vIOMMU machine with one passthrough device, and the guest's (Linux-like) driver
+    brought up on it."""
+    rec = Recorder(TraceConfig(preset=None, vmm={"guest_ram": 16 << 20, "forwarding": forwarding}), name=name,
+                   description=description)
+    rec.plug(VSID, ats=ats)
+    drv = GuestDriver(rec, rec.mem, alloc_base=0x10_0000, alloc_limit=0x80_0000, strict=strict)
+    drv.init()
+    return rec, drv
+
+
+def process_table(rec: Recorder, drv: GuestDriver, gpa: int, pages: int = 4) -> FirstStageTable:
+    """A guest process's first-stage table: ``pages`` user pages at GVA → guest-physical ``gpa``."""
+    fs = FirstStageTable(rec.mem, drv.alloc, levels=4)
+    fs.map(GVA, gpa, pages * PAGE, R | W | U)
+    return fs
+
+
+def bound(name: str, description: str) -> tuple[Recorder, GuestDriver, FirstStageTable, int]:
+    """A machine whose guest bound a process (table at GPA 0x90_0000) to VPASID and DMAd once; returns the DID."""
+    rec, drv = vmm_recorder(name, description)
+    fs = process_table(rec, drv, 0x90_0000)
+    dom = drv.bind_pasid(VSID, VPASID, fs.root)
+    rec.dma_write(VSID, GVA + 0x10, pattern(32, 40), pasid=VPASID, note="through the nested HWPT")
+    return rec, drv, fs, dom.did
+
+
+def vmm_vsva() -> Trace:
+    rec, drv = vmm_recorder("vmm-vsva", "vSVA: a guest process bound to a PASID of a passthrough device becomes a "
+                                        "nested HWPT; DMA through guest FS + host SS; a remap with the PASID-based "
+                                        "IOTLB invalidation the mm notifier sends, forwarded to the host")
+    fs = process_table(rec, drv, 0x90_0000)
+    dom = drv.bind_pasid(VSID, VPASID, fs.root)
+    rec.dma_write(VSID, GVA + 0x10, pattern(48, 41), pasid=VPASID, note="GVA -> GPA 0x900010 -> host page")
+    rec.dma_read(VSID, GVA + 0x10, 48, pasid=VPASID)
+    rec.dma_read(VSID, GVA + 8 * PAGE, 8, pasid=VPASID, note="not mapped by the process: a first-stage fault")
+    fs.unmap(GVA, PAGE)
+    fs.map(GVA, 0x98_0000, PAGE, R | W | U)
+    drv.flush_sva_range(dom, GVA, PAGE)
+    rec.dma_write(VSID, GVA + 0x10, pattern(16, 42), pasid=VPASID, note="the new mapping")
+    rec.note("the old page kept what the first write put there; the new one has the second")
+    rec.mem_read(0x90_0010, 16)
+    rec.mem_read(0x98_0010, 16)
+    drv.service_faults()
+    rec.checkpoint("end")
+    return rec.trace()
+
+
+def vmm_replace() -> Trace:
+    rec, drv, a, did = bound("vmm-replace", "hitless replace: the bound PASID entry rewritten in one store to a second "
+                                            "process table, then the PASID-cache invalidation; the bridge attaches the "
+                                            "new nested HWPT before freeing the old one, and DMA before, between the "
+                                            "invalidation and its wait, and after all succeed")
+    b = process_table(rec, drv, 0xA0_0000)
+    pt = drv.devices[VSID].pasid_table
+    assert pt is not None
+    pt.set_entry(VPASID, pgtt=PGTT_FS, did=did, aw=drv.agaw, fsptptr=b.root, extra={"PWSNP": drv._ecapf("SMPWC")})
+    drv.qi_submit([drv.invalidate_pasid_cache(1, did, VPASID)], wait=False)
+    rec.dma_write(VSID, GVA + 0x20, pattern(16, 43), pasid=VPASID, note="replaced, before the wait")
+    drv.qi_submit([drv.invalidate_piotlb(2, did, VPASID)])
+    rec.dma_write(VSID, GVA + 0x30, pattern(16, 44), pasid=VPASID, note="after")
+    rec.checkpoint("end")
+    return rec.trace()
+
+
+def vmm_unbind() -> Trace:
+    rec, drv, fs, did = bound("vmm-unbind", "unbind (intel_pasid_tear_down_entry): the nested HWPT is detached and "
+                                            "freed; DMA on the PASID then faults in the guest's fault records")
+    rec.checkpoint("bound")
+    drv.unbind_pasid(VSID, VPASID)
+    rec.dma_read(VSID, GVA + 0x10, 8, pasid=VPASID, note="unbound: blocked")
+    drv.service_faults()
+    rec.checkpoint("unbound")
+    return rec.trace()
+
+
+def vmm_reset() -> Trace:
+    rec, drv, fs, did = bound("vmm-reset", "system reset drops every bind (the device back on the nest parent); the "
+                                           "guest's tables are still in RAM, and SRTP + TE re-bind everything")
+    root = drv.root
+    assert root is not None
+    rec.reset(note="translation off: PASIDs detached, nested HWPT freed")
+    rec.dma_read(VSID, GVA + 0x10, 8, pasid=VPASID, note="no PASID attachment after reset")
+    rec.dma_read(VSID, 0x90_0010, 8, note="requests without PASID: GPA = IOVA through the nest parent")
+    enable_translation(rec, root.root, scalable=True)
+    rec.dma_read(VSID, GVA + 0x10, 32, pasid=VPASID, note="re-bound at SRTP / TE from the tables in guest RAM")
+    rec.checkpoint("end")
+    return rec.trace()
+
+
+def vmm_unmap_storm(forwarding: str) -> Trace:
+    name = "vmm-unmap-storm" + ("" if forwarding == "coalesced" else "-one-per-call")
+    rec, drv = vmm_recorder(name, f"a Linux-like unmap storm ({forwarding} forwarding): a first-stage DMA domain of "
+                                  "an ATS passthrough device, 32 pages mapped and unmapped one by one in strict mode: "
+                                  "each unmap is a PASID-based IOTLB and a device-TLB invalidation before one wait",
+                            forwarding=forwarding, ats=True)
+    dom = drv.domain_alloc("fs")
+    drv.attach_device(VSID, dom, ats=True)
+    base = 0x1000_0000
+    drv.map(dom, base, 0xC0_0000, 32 * PAGE, R | W)
+    for i in range(0, 32, 8):
+        rec.dma_write(VSID, base + i * PAGE, pattern(64, 50 + i))
+    for i in range(32):
+        drv.unmap(dom, base + i * PAGE, PAGE)
+    rec.dma_read(VSID, base, 8, note="unmapped: a first-stage fault")
+    drv.service_faults()
+    rec.checkpoint("end")
+    return rec.trace()
+
+
+def vmm_forgot_piotlb() -> Trace:
+    rec, drv, fs, did = bound("vmm-forgot-piotlb", "forgot to invalidate: the process's page is remapped without "
+                                                   "the PASID-based IOTLB invalidation, so the host's nested IOTLB "
+                                                   "keeps the old translation (the expectations record the stale "
+                                                   "write; replay --sanitize reports it)")
+    fs.unmap(GVA, PAGE)
+    fs.map(GVA, 0x98_0000, PAGE, R | W | U)
+    rec.dma_write(VSID, GVA + 0x10, pattern(8, 45), pasid=VPASID, note="stale: lands in the old page")
+    rec.mem_read(0x90_0010, 8)
+    rec.checkpoint("end")
+    return rec.trace()
+
+
+def vmm_forgot_pasid_cache() -> Trace:
+    rec, drv, fs, did = bound("vmm-forgot-pasid-cache", "forgot to invalidate: the bound PASID entry is pointed at "
+                                                        "another process table, followed by a PASID-based IOTLB "
+                                                        "invalidation but no PASID-cache invalidation: the bridge "
+                                                        "never re-binds and DMA keeps the old table")
+    b = process_table(rec, drv, 0xA0_0000)
+    pt = drv.devices[VSID].pasid_table
+    assert pt is not None
+    pt.set_entry(VPASID, pgtt=PGTT_FS, did=did, aw=drv.agaw, fsptptr=b.root, extra={"PWSNP": drv._ecapf("SMPWC")})
+    drv.qi_submit([drv.invalidate_piotlb(2, did, VPASID)])
+    rec.dma_write(VSID, GVA + 0x10, pattern(8, 46), pasid=VPASID, note="still the old process's page")
+    rec.mem_read(0x90_0010, 8)
+    rec.checkpoint("end")
+    return rec.trace()
+
+
+def vmm_torn_update() -> Trace:
+    rec, drv, fs, did = bound("vmm-torn-update", "torn update: the present, bound PASID entry is rewritten in place "
+                                                 "by two stores (FSPTPTR, then PGSNP) with P staying 1, then "
+                                                 "invalidated properly; between the stores the unit could have read a "
+                                                 "mix of the two entries")
+    b = process_table(rec, drv, 0xA0_0000)
+    pt = drv.devices[VSID].pasid_table
+    assert pt is not None
+    addr = pt.entry_addr(VPASID)
+    assert addr is not None
+    q = [rec.mem.read_u64(addr + 8 * i) for i in range(3)]
+    fsp = specs().structure("pasid_entry").field("FSPTPTR")
+    pgsnp = specs().structure("pasid_entry").field("PGSNP")
+    value = q[0] | q[1] << 64 | q[2] << 128
+    value = fsp.put(value, b.root >> 12)
+    rec.mem.write_u64(addr + 16, (value >> 128) & (1 << 64) - 1)
+    value = pgsnp.put(value, 1)
+    rec.mem.write_u64(addr + 8, (value >> 64) & (1 << 64) - 1)
+    drv.qi_submit([drv.invalidate_pasid_cache(1, did, VPASID), drv.invalidate_piotlb(2, did, VPASID)])
+    rec.dma_write(VSID, GVA + 0x10, pattern(8, 47), pasid=VPASID, note="the new table, once invalidated")
+    rec.checkpoint("end")
+    return rec.trace()
+
+
 TRACES: dict[str, tuple[str, Callable[[], Trace]]] = {
     "legacy-dma": ("yaml", legacy_dma),
     "scalable-ss": ("yaml", scalable_ss),
@@ -420,6 +594,15 @@ TRACES: dict[str, tuple[str, Callable[[], Trace]]] = {
     "forgot-to-invalidate": ("yaml", stale_tlb),
     "bulk-dma": ("npz", bulk_dma),
     "host-passthrough": ("yaml", host_passthrough),
+    "vmm-vsva": ("yaml", vmm_vsva),
+    "vmm-replace": ("yaml", vmm_replace),
+    "vmm-unbind": ("yaml", vmm_unbind),
+    "vmm-reset": ("yaml", vmm_reset),
+    "vmm-unmap-storm": ("jsonl", lambda: vmm_unmap_storm("coalesced")),
+    "vmm-unmap-storm-one-per-call": ("jsonl", lambda: vmm_unmap_storm("one-per-call")),
+    "vmm-forgot-piotlb": ("yaml", vmm_forgot_piotlb),
+    "vmm-forgot-pasid-cache": ("yaml", vmm_forgot_pasid_cache),
+    "vmm-torn-update": ("yaml", vmm_torn_update),
 }
 
 

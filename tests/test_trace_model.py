@@ -134,7 +134,7 @@ def test_yaml_errors_carry_the_line(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match=r"config.ram_size"):
         load_trace(write(tmp_path, "cfg.yaml", "format: vtd-trace/1\nconfig: {ram_size: -1}\n"))
     with pytest.raises(TraceError, match="not supported"):
-        load_trace(write(tmp_path, "v2.yaml", "format: vtd-trace/2\n"))
+        load_trace(write(tmp_path, "v2.yaml", "format: vtd-trace/3\n"))
 
 
 def test_npz_errors(tmp_path: Path) -> None:

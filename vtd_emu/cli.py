@@ -357,6 +357,12 @@ def _summary_table(st: Any, out: TextIO) -> None:
         w("QI descriptors  " + ", ".join(f"{k} {v:,}" for k, v in sorted(st.qi_descriptors.items())) + "\n")
     if st.page_requests:
         w("page requests   " + ", ".join(f"{k} {v:,}" for k, v in sorted(st.page_requests.items())) + "\n")
+    if st.bridge:
+        b = st.bridge
+        w(f"bridge          {b['binds']:,.0f} binds, {b['unbinds']:,.0f} unbinds, {b['refusals']:,.0f} refused; "
+          f"{b['descriptors']:,.0f} guest invalidations forwarded in {b['invalidate_calls']:,.0f} ioctls "
+          f"({b['ioctls_per_descriptor']:.2f} per descriptor, {b['invalidate_entries']:,.0f} entries, "
+          f"{b['failed_forwards']:,.0f} failed); {b['host_calls']:,.0f} host calls ({b['failed_calls']:,.0f} failed)\n")
     rate_s = f"{st.events / st.seconds:,.0f} events/s" if st.seconds > 0 else "-"
     w(f"replay          {st.events:,} events in {st.seconds:.3f} s ({rate_s}); page chunks batched {st.batched_chunks:,}, "
       f"scalar {st.scalar_chunks:,}\n")
@@ -389,6 +395,9 @@ class _Tally:
         self.events = 0
         self.mismatches = 0
         self.stale = 0
+        self.findings = 0
+        """vSVA validator reports (vIOMMU machine traces under --sanitize)."""
+        self.validated = 0
         self.traces = 0
         self.results: list[dict[str, Any]] = []
         self.failed: list[dict[str, str]] = []
@@ -428,16 +437,20 @@ def _replay_trace(path: str, args: argparse.Namespace, tally: _Tally, stats: Any
                  progress=_progress_printer(path, args.progress or sys.stderr.isatty()),
                  sanitize=args.sanitize).run()
     stale: list[str] = []
-    if args.sanitize and r.machine is not None:
+    findings = [f"{path}: {rep.text()}" for rep in r.reports]
+    if args.sanitize and r.validator is not None:
+        tally.validated += 1
+    elif args.sanitize and r.machine is not None:
         for h in r.machine.iommu.stale_hits:
             stale.append(f"{path}: stale translation: sid {h.sid:#06x} pasid "
                          f"{'-' if h.pasid is None else hex(h.pasid)} iova {h.iova:#x} ({h.access}): cached "
                          f"{_answer(h.cached)}, memory says {_answer(h.fresh)}")
     texts = [f"{path}: {m}" for m in r.mismatches]
     if not args.json:
-        for t in stale + (texts if args.check else []):
+        for t in stale + findings + (texts if args.check else []):
             print(t, file=out)
     tally.stale += len(stale)
+    tally.findings += len(findings)
     tally.traces += 1
     tally.scenarios += 1
     tally.events += r.events
@@ -450,6 +463,8 @@ def _replay_trace(path: str, args: argparse.Namespace, tally: _Tally, stats: Any
             row["mismatch_list"] = texts
         if stale:
             row["stale_translations"] = stale
+        if r.validator is not None:
+            row["vsva_reports"] = [rep.to_dict() for rep in r.reports]
     tally.results.append(row)
 
 
@@ -465,7 +480,7 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
     """Replay every file; a file that is bad input is reported (one stderr line) and the others still run.
 
     Exit status: 2 if any file was bad input, else 1 if ``--check`` found a mismatch or ``--sanitize`` a
-    stale translation, else 0."""
+    stale translation (or, on a vIOMMU machine trace, any vSVA validator finding), else 0."""
     from .trace.model import detect_kind
     from .trace.replay import ReplayStats
 
@@ -489,6 +504,8 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
                                "mismatches": tally.mismatches, "results": tally.results}
         if args.sanitize:
             doc["stale_translations"] = tally.stale
+            if tally.validated:
+                doc["vsva_findings"] = tally.findings
         if tally.traces:
             doc["stats"] = _stats_dict(stats, args.timing)
         doc["failed"] = tally.failed
@@ -498,13 +515,15 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
             _summary_table(stats, out)
         if args.sanitize:
             print(f"sanitizer: {tally.stale} stale translations", file=out)
+            if tally.validated:
+                print(f"validator: {tally.findings} findings in {tally.validated} vIOMMU machine traces", file=out)
         if tally.failed:
             print(f"failed: {len(tally.failed)} of {len(files)} files: "
                   + ", ".join(f["file"] for f in tally.failed), file=out)
         print(f"checked: {tally.scenarios} scenarios, {tally.events} events, {tally.mismatches} mismatches", file=out)
     if tally.failed:
         return 2
-    return 1 if (args.check and tally.mismatches) or tally.stale else 0
+    return 1 if (args.check and tally.mismatches) or tally.stale or tally.findings else 0
 
 
 def _answer(value: int) -> str:
@@ -676,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-batch", action="store_true", help="translate DMA chunk by chunk (no numpy batching)")
     r.add_argument("--sanitize", action="store_true",
                    help="re-walk every translation and report each cached answer memory no longer supports "
-                        "(a guest that forgot an invalidation); exit 1 if any")
+                        "(a guest that forgot an invalidation); on vIOMMU machine traces, the vSVA validator "
+                        "(docs/vmm.md); exit 1 if any")
     r.set_defaults(func=cmd_replay)
     rc = sub.add_parser("record", help="replay a trace and write it again with fresh expectations")
     rc.add_argument("input")

@@ -449,12 +449,13 @@ class RecordingMemory:
     """``ram`` with every write handed to ``record`` instead: what a trace recorder gives the builders, so
     that every table write becomes an event."""
 
-    def __init__(self, ram: HostRAM, record: WriteRecorder) -> None:
+    def __init__(self, ram: "HostRAM | GuestPhysView", record: WriteRecorder, size: int | None = None) -> None:
         self._record = record
         self.read_u64 = ram.read_u64
         self.read = ram.read
         self.is_ram = ram.is_ram
-        self.size = ram.size
+        # A guest-physical view has no size of its own: its owner says how much RAM is behind it.
+        self.size = size if size is not None else ram.size  # type: ignore[union-attr]
 
     def write_u64(self, addr: int, value: int) -> bool:
         return self._record(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"), True) == 8

@@ -27,6 +27,10 @@ import numpy as np
 from ..errors import TraceError
 
 FORMAT = "vtd-trace/1"
+FORMAT2 = "vtd-trace/2"
+"""Version 2: version 1 plus vIOMMU machines (``config.vmm``, ``vmm.*`` events, ``bridge`` and ``unbacked``
+expectations); written only for traces that use them, so version-1 traces keep their bytes."""
+FORMATS = (FORMAT, FORMAT2)
 ORACLE_FORMAT = "vtd-oracle-scenario/1"
 
 _U64 = (1 << 64) - 1
@@ -212,6 +216,12 @@ def _mem_ranges(v: Any) -> str | list[tuple[int, int]]:
     return out
 
 
+def _device_kind(v: Any) -> str:
+    if v not in ("passthrough", "emulated"):
+        raise ValueError(f"expected 'passthrough' (a host device assigned to the guest) or 'emulated', got {v!r}")
+    return str(v)
+
+
 def _mapping(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ValueError("expected a mapping")
@@ -240,7 +250,13 @@ OPS: dict[str, dict[str, _Field]] = {
                       "code": (_rc, False, 0)},
     "checkpoint": {"name": (_str, False, None), "mem": (_mem_ranges, False, "all"), "regs": (_bool, False, True)},
     "note": {"text": (_str, True, None)},
+    "vmm.plug": {"sid": (_u16, True, None), "kind": (_device_kind, False, "passthrough"),
+                 "host_sid": (_u16, False, None), "pasid_bits": (lambda v: _as_int(v, 5, "0..20 PASID bits"), False, 20),
+                 "ats": (_bool, False, False), "pri": (_bool, False, False), "group": (_count, False, None)},
+    "vmm.reset": {},
 }
+VMM_OPS = frozenset(op for op in OPS if op.startswith("vmm."))
+"""Machine actions of a vIOMMU machine (version 2, ``config.vmm``)."""
 HOST_FIELDS: dict[str, _Field] = {"target": (_str, False, None), "args": (_mapping, False, None),
                                   "as": (_str, False, None)}
 """Fields of every ``host.<method>`` event (the reserved host-layer vocabulary)."""
@@ -265,13 +281,16 @@ HOST_METHODS = frozenset().union(*HOST_CALLS.values())
 
 # Expectation keys per op, beyond the generic ``regs`` and ``mem`` every event may carry.
 EXPECT_KEYS: dict[str, tuple[str, ...]] = {
-    "dma": ("faults", "addrs", "data"),
+    "dma": ("faults", "addrs", "data", "unbacked"),
     "mmio_read": ("value",),
     "mem_read": ("hex",),
     "page_request": ("status",),
-    "checkpoint": ("mem_sha256", "regs_sha256", "faults", "interrupts"),
+    "checkpoint": ("mem_sha256", "regs_sha256", "faults", "interrupts", "host_regs_sha256", "objects"),
+    "vmm.plug": ("errno",),
 }
-_GENERIC_EXPECT = ("regs", "mem", "mem_changes", "raises")
+VMM_EXPECT = ("bridge", "unbacked", "host_regs_sha256", "objects")
+"""Expectations only a vIOMMU machine answers (version 2)."""
+_GENERIC_EXPECT = ("regs", "mem", "mem_changes", "raises", "bridge")
 _HOST_EXPECT = ("result", "errno")
 
 
@@ -386,11 +405,15 @@ class TraceConfig:
     """Endpoints attached to the unit (``attach_device``): ``{sid, ats, pri, respond}``."""
     host: dict[str, Any] | None = None
     """Arguments of ``vtd_emu.host.Host`` for traces with host-layer events."""
+    vmm: dict[str, Any] | None = None
+    """A vIOMMU machine (``vtd_emu.vmm.Machine``, version 2): ``host`` (Host arguments), ``viommu`` (a
+    preset name or ``{preset, ...}``), ``guest_ram``, ``forwarding``, ``dirty_tracking``."""
 
 
 _UNIT_KEYS = {"haw", "iotlb_size", "context_cache_size", "pasid_cache_size", "psc_size", "fault_collapse"}
 _CONFIG_KEYS = {"preset", "qemu", "profile", "overrides", "unit", "ram_size", "ram_image", "ram_base", "devices",
-                "host"}
+                "host", "vmm"}
+VMM_KEYS = ("host", "viommu", "guest_ram", "forwarding", "dirty_tracking")
 
 
 @dataclass(slots=True)
@@ -503,9 +526,65 @@ def parse_config(doc: Any, file: str, where: str = "config", *, check: bool = Tr
         if not isinstance(doc["host"], dict):
             raise fail("host", "expected a mapping of vtd_emu.host.Host arguments")
         cfg.host = dict(doc["host"])
+    if doc.get("vmm") is not None:
+        cfg.vmm = _parse_vmm(doc, fail)
+        cfg.preset = None
     if check:
         check_config(cfg, file, where)
     return cfg
+
+
+def _parse_vmm(doc: dict[str, Any], fail: Callable[[str, str], TraceError]) -> dict[str, Any]:
+    v = doc["vmm"]
+    if not isinstance(v, dict):
+        raise fail("vmm", f"expected a mapping of {list(VMM_KEYS)}")
+    others = sorted(k for k in doc if k not in ("vmm", "profile", "preset") and doc[k] not in (None, {}, []))
+    if others or doc.get("preset") is not None:
+        raise fail("vmm", f"a vIOMMU machine is configured in config.vmm only; remove config.{(others or ['preset'])[0]}")
+    out: dict[str, Any] = {}
+    for k, val in v.items():
+        if k not in VMM_KEYS:
+            raise fail(f"vmm.{k}", f"unknown key; expected some of {list(VMM_KEYS)}")
+        try:
+            if k == "host":
+                out[k] = _mapping(val)
+            elif k == "viommu":
+                if not (isinstance(val, str) and val) and not isinstance(val, dict):
+                    raise ValueError("expected a preset name or a mapping {preset, ...VtdConfig.preset arguments}")
+                out[k] = val if isinstance(val, str) else dict(val)
+            elif k == "guest_ram":
+                out[k] = _as_int(val, 64, "a guest RAM size in bytes")
+            elif k == "forwarding":
+                out[k] = _str(val)
+            else:
+                out[k] = _bool(val)
+        except ValueError as exc:
+            raise fail(f"vmm.{k}", str(exc)) from None
+    return out
+
+
+def _check_vmm(cfg: TraceConfig, file: str, where: str) -> None:
+    """What ``vtd_emu.vmm.Machine`` would refuse about ``config.vmm``, without building it."""
+    from ..errors import ConfigError
+    from ..vmm.bridge import FORWARDING_MODES
+    from ..vmm.caps import viommu_config
+
+    v = cfg.vmm or {}
+    if v.get("forwarding", "coalesced") not in FORWARDING_MODES:
+        raise TraceError(file, f"{where}.vmm.forwarding", f"expected one of {list(FORWARDING_MODES)}, "
+                                                          f"got {v['forwarding']!r}")
+    allowed = _host_arguments()
+    for k in (v.get("host") or {}):
+        if k not in allowed:
+            raise TraceError(file, f"{where}.vmm.host.{k}", f"unknown vtd_emu.host.Host argument; expected {allowed}")
+    try:
+        vc = viommu_config(v["viommu"]) if "viommu" in v else None
+    except (ConfigError, TypeError) as exc:
+        raise TraceError(file, f"{where}.vmm.viommu", str(exc)) from None
+    ram = v.get("guest_ram", 64 << 20)
+    if ram <= 0 or ram > 0xFEE0_0000 or (vc is not None and ram > 1 << (vc.mgaw + 1)):
+        raise TraceError(file, f"{where}.vmm.guest_ram", f"expected 1..0xfee00000 bytes within the vIOMMU's MGAW, "
+                                                         f"got {ram:#x}")
 
 
 def check_config(cfg: TraceConfig, file: str, where: str = "config") -> None:
@@ -514,6 +593,9 @@ def check_config(cfg: TraceConfig, file: str, where: str = "config") -> None:
     loads (and so anything ``convert``, ``record`` or ``import-qemu`` writes) is one replay accepts."""
     from .replay import unit_config
 
+    if cfg.vmm is not None:
+        _check_vmm(cfg, file, where)
+        return
     if cfg.host is None:
         unit_config(cfg, None, file)
         return
@@ -561,6 +643,8 @@ def config_to_dict(cfg: TraceConfig) -> dict[str, Any]:
                           for d in cfg.devices]
     if cfg.host is not None:
         out["host"] = dict(cfg.host)
+    if cfg.vmm is not None:
+        out["vmm"] = {k: (hex(v) if k == "guest_ram" else v) for k, v in cfg.vmm.items()}
     return out
 
 
@@ -620,10 +704,64 @@ def _parse_expect(op: str, v: Any) -> dict[str, Any]:
                 out[k] = _str(val)
             elif k == "errno":
                 out[k] = None if val is None else _count(val)
+            elif k == "bridge":
+                out[k] = _bridge_expect(val)
+            elif k == "unbacked":
+                out[k] = _count(val)
+            elif k == "host_regs_sha256":
+                out[k] = _str(val)
+            elif k == "objects":
+                if not isinstance(val, list):
+                    raise ValueError("expected a list of [id, kind]")
+                out[k] = [[_count(o[0]), _str(o[1])] if isinstance(o, list) and len(o) == 2
+                          else _bad("expected [id, kind]") for o in val]
             else:
                 out[k] = val
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{k}: {exc}") from None
+    return out
+
+
+BRIDGE_KEYS = ("call", "on", "args", "result", "errno")
+
+
+def _json_ints(v: Any) -> Any:
+    """Canonical host-call values: ``"0x..."`` strings become ints, everything else stays (lists of lists)."""
+    if isinstance(v, str) and v.startswith("0x"):
+        try:
+            return int(v, 16)
+        except ValueError:
+            return v
+    if isinstance(v, (list, tuple)):
+        return [_json_ints(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_ints(x) for k, x in v.items()}
+    return v
+
+
+def _hex_ints(v: Any) -> Any:
+    """The written form of :func:`_json_ints` values: ints as ``"0x..."``."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int):
+        return _hexs(v)
+    if isinstance(v, (list, tuple)):
+        return [_hex_ints(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _hex_ints(x) for k, x in v.items()}
+    return v
+
+
+def _bridge_expect(v: Any) -> list[dict[str, Any]]:
+    if not isinstance(v, list):
+        raise ValueError("expected a list of host calls {call, on, args, result, errno}")
+    out = []
+    for i, a in enumerate(v):
+        if not isinstance(a, dict) or "call" not in a or set(a) - set(BRIDGE_KEYS):
+            raise ValueError(f"[{i}]: expected a host call {{{', '.join(BRIDGE_KEYS)}}}")
+        out.append({"call": _str(a["call"]), "on": _str(a.get("on", "")), "args": _json_ints(a.get("args") or {}),
+                    "result": _json_ints(a.get("result")),
+                    "errno": None if a.get("errno") is None else _count(a["errno"])})
     return out
 
 
@@ -795,6 +933,15 @@ def event_to_dict(ev: Event) -> dict[str, Any]:
         d["regs"] = f["regs"]
     elif op == "note":
         d["text"] = f["text"]
+    elif op == "vmm.plug":
+        d.update(sid=_hexs(f["sid"]), kind=f["kind"])
+        if f.get("host_sid") is not None:
+            d["host_sid"] = _hexs(f["host_sid"])
+        d.update(pasid_bits=f["pasid_bits"], ats=f["ats"], pri=f["pri"])
+        if f.get("group") is not None:
+            d["group"] = f["group"]
+    elif op in VMM_OPS:
+        pass
     else:  # host.*
         for k in ("target", "args", "as"):
             if f.get(k) is not None:
@@ -827,6 +974,9 @@ def expect_to_dict(exp: dict[str, Any]) -> dict[str, Any]:
                        "write": r["write"], "pasid": None if r["pasid"] is None else _hexs(r["pasid"])} for r in v]
         elif k == "faults":
             out[k] = [_hexs(r) for r in v]
+        elif k == "bridge":
+            out[k] = [{"call": a["call"], "on": a["on"], "args": _hex_ints(a["args"]), "result": _hex_ints(a["result"]),
+                       "errno": a["errno"]} for a in v]
         else:
             out[k] = v
     return out
@@ -839,6 +989,29 @@ def _is_plain_dma(ev: Event) -> bool:
     """A DMA whose whole content fits the columns (no note, no generic expectations, its own payload)."""
     return (ev.op == "dma" and ev.note is None and "data_from" not in ev.fields
             and (ev.expect is None or set(ev.expect) <= {"faults", "addrs", "data"}))
+
+
+def uses_v2(trace: Trace) -> bool:
+    """Whether the trace needs version 2 (a vIOMMU machine)."""
+    return trace.config.vmm is not None
+
+
+def _check_version(trace: Trace, fmt: str) -> None:
+    """A version-1 file may use nothing of version 2; a version-2 one with vIOMMU vocabulary needs config.vmm."""
+    vmm = trace.config.vmm is not None
+    n = 0
+    for ev in trace.events:
+        if isinstance(ev, DmaBlock):
+            n += len(ev)
+            continue
+        v2 = ev.op in VMM_OPS or bool(ev.expect and set(ev.expect) & set(VMM_EXPECT))
+        if v2 and not vmm:
+            what = f"format {FORMAT2} with config.vmm" if fmt == FORMAT2 else f"format {FORMAT2} (this file says {fmt})"
+            raise TraceError(trace.source, f"{ev.where or f'event {n}'} ({ev.op})",
+                             f"vIOMMU machine vocabulary ({ev.op if ev.op in VMM_OPS else 'expect.' + sorted(set(ev.expect or ()) & set(VMM_EXPECT))[0]}) needs {what}")
+        n += 1
+    if vmm and fmt == FORMAT:
+        raise TraceError(trace.source, "config.vmm", f"a vIOMMU machine needs format: {FORMAT2} (this file says {fmt})")
 
 
 def block_from_events(events: Sequence[Event], where: str = "") -> DmaBlock:
@@ -1003,19 +1176,19 @@ def check_references(trace: Trace) -> None:
                              f"event {k} is not a read DMA of len {ev.fields['len']}")
 
 
-def _header(doc: Any, file: str, where: str) -> tuple[TraceConfig, str, str]:
+def _header(doc: Any, file: str, where: str) -> tuple[TraceConfig, str, str, str]:
     if not isinstance(doc, dict):
         raise TraceError(file, where, f"expected a mapping with format: {FORMAT}")
     fmt = doc.get("format")
-    if fmt != FORMAT:
+    if fmt not in FORMATS:
         if isinstance(fmt, str) and fmt.startswith("vtd-trace/"):
-            raise TraceError(file, where, f"format {fmt!r} is not supported; this version reads {FORMAT}")
+            raise TraceError(file, where, f"format {fmt!r} is not supported; this version reads {' and '.join(FORMATS)}")
         raise TraceError(file, where, f"expected format: {FORMAT}, got {fmt!r}")
     name = doc.get("name", "")
     desc = doc.get("description", "")
     if not isinstance(name, str) or not isinstance(desc, str):
         raise TraceError(file, where, "'name' and 'description' must be strings")
-    return parse_config(doc.get("config"), file, f"{where} config" if where else "config"), name, desc
+    return parse_config(doc.get("config"), file, f"{where} config" if where else "config"), name, desc, fmt
 
 
 def _read_text(p: Path) -> str:
@@ -1052,8 +1225,10 @@ def _load_jsonl(p: Path) -> Trace:
         n_ev += 1
     if header is None:
         raise TraceError(file, "line 1", f"empty file; expected a header line with format: {FORMAT}")
-    cfg, name, desc = header
-    return Trace(cfg, events, name, desc, file)
+    cfg, name, desc, fmt = header
+    t = Trace(cfg, events, name, desc, file)
+    _check_version(t, fmt)
+    return t
 
 
 def _yaml_load(text: str) -> Any:
@@ -1090,7 +1265,7 @@ def _load_yaml(p: Path) -> Trace:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         raise TraceError(file, where, f"invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    cfg, name, desc = _header(doc, file, "")
+    cfg, name, desc, fmt = _header(doc, file, "")
     extra = set(doc) - {"format", "name", "description", "config", "events"}
     if extra:
         raise TraceError(file, str(sorted(extra)[0]), "unknown top-level key; expected format, name, description, "
@@ -1109,7 +1284,9 @@ def _load_yaml(p: Path) -> Trace:
             if i < len(lines):
                 raise TraceError(file, f"line {lines[i]} {exc.where}", exc.message) from None
             raise
-    return Trace(cfg, events, name, desc, file)
+    t = Trace(cfg, events, name, desc, file)
+    _check_version(t, fmt)
+    return t
 
 
 def _npz_arrays(p: Path) -> dict[str, np.ndarray]:
@@ -1156,7 +1333,7 @@ def _load_npz(p: Path) -> Trace:
         doc = json.loads(arrs["header"].tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TraceError(file, "header", f"invalid JSON: {exc}") from None
-    cfg, name, desc = _header(doc, file, "header")
+    cfg, name, desc, fmt = _header(doc, file, "header")
     for k, dt in {**_COLS, **_EXP_COLS}.items():
         if k in arrs and arrs[k].dtype != dt:
             raise TraceError(file, k, f"expected dtype {np.dtype(dt).name}, got {arrs[k].dtype.name}")
@@ -1223,7 +1400,9 @@ def _load_npz(p: Path) -> Trace:
             idx += 1
     if used != n:
         raise TraceError(file, "header events", f"dma_rows cover {used} of the {n} DMA rows")
-    return Trace(cfg, events, name, desc, file)
+    t = Trace(cfg, events, name, desc, file)
+    _check_version(t, fmt)
+    return t
 
 
 def _bad_row_reason(arrs: dict[str, np.ndarray], r: int) -> str:
@@ -1259,7 +1438,7 @@ def check_trace(trace: Trace) -> None:
 
 
 def _header_doc(trace: Trace) -> dict[str, Any]:
-    d: dict[str, Any] = {"format": FORMAT}
+    d: dict[str, Any] = {"format": FORMAT2 if uses_v2(trace) else FORMAT}
     if trace.name:
         d["name"] = trace.name
     if trace.description:
@@ -1399,7 +1578,7 @@ def canonical_events(trace: Trace) -> list[dict[str, Any]]:
     return [event_to_dict(ev) for ev in trace.iter_events()]
 
 
-__all__ = ["FORMAT", "ORACLE_FORMAT", "Event", "DmaBlock", "Trace", "TraceConfig", "OPS", "EXPECT_KEYS", "HOST_CALLS",
+__all__ = ["FORMAT", "FORMAT2", "FORMATS", "VMM_OPS", "VMM_EXPECT", "ORACLE_FORMAT", "Event", "DmaBlock", "Trace", "TraceConfig", "OPS", "EXPECT_KEYS", "HOST_CALLS",
            "parse_event", "parse_config", "event_to_dict", "expect_to_dict", "config_to_dict", "block_from_events",
            "blockify", "load_trace", "check_references", "save_trace", "detect_kind", "kind_from_name",
            "canonical_events", "dump_yaml"]

@@ -17,6 +17,12 @@ same memory, same registers, same fault records.
     rec.checkpoint("end")
     rec.save("traces/legacy-dma.yaml")
 
+On a vIOMMU machine (``TraceConfig(vmm={...})``, format ``vtd-trace/2``) the recorder is the guest's side:
+``rec.mem`` is guest-physical memory, ``rec`` itself the register block a
+:class:`~vtd_emu.vmm.GuestDriver` programs (``GuestDriver(rec, rec.mem, ...)``), ``rec.plug`` and
+``rec.reset`` are machine actions, DMA goes through the guest device at ``sid``, and every event that made
+the bridge call the host records those calls as its ``bridge`` expectation (``rec.vm`` is the machine).
+
 Memory writes are recorded compactly: a write that changes nothing (zero-filling fresh memory) is not
 recorded, and consecutive qword writes to adjacent addresses become one ``mem_write``.
 """
@@ -50,12 +56,15 @@ class Recorder:
         check_config(self.config, "<recorder>")
         self.machine = machine or Machine.build(self.config)
         self.ram = self.machine.ram
+        self.vm = self.machine.vmm
+        """The ``vtd_emu.vmm.Machine`` of a vIOMMU recording, else None."""
+        self._target = self.machine.mem
         self.iommu: VtdIommu = self.machine.iommu
         self.name = name
         self.description = description
         self._replayer = Replayer(Trace(self.config, [], name, description), machine=self.machine, batch=False,
                                   record=True)
-        self.mem = RecordingMemory(self.ram, self._write)
+        self.mem = RecordingMemory(self._target, self._write, None if self.vm is None else self.vm.size)
         self._pend_addr = -1
         self._pend = bytearray()
         self._pend_qwords = False
@@ -63,10 +72,10 @@ class Recorder:
     # -- memory --------------------------------------------------------------------------------------
     def _write(self, addr: int, data: bytes, qword: bool) -> int:
         """Bytes stored, as ``HostRAM.write`` counts them."""
-        ram = self.ram
+        ram = self._target
         if not data:
             return 0
-        if addr < 0 or addr + len(data) > ram.size:
+        if self.vm is None and (addr < 0 or addr + len(data) > self.ram.size):
             if qword:
                 return 0  # write_u64 stores nothing when the qword is not all memory
             # HostRAM drops the bytes that do not fit; record the write so replay does the same.
@@ -123,6 +132,10 @@ class Recorder:
         assert isinstance(rec, Event)
         return rec.expect or {}
 
+    def mem_read(self, addr: int, length: int, note: str | None = None) -> bytes:
+        """Read memory (guest-physical on a vIOMMU machine), recording what was there as the expectation."""
+        return bytes(self._run("mem_read", {"addr": addr, "len": length}, note)["hex"])
+
     def mmio_write(self, offset: int, value: int, size: int = 4) -> None:
         self._run("mmio_write", {"offset": offset, "value": value, "size": size})
 
@@ -170,6 +183,17 @@ class Recorder:
         conventions (``"$name"`` for bound objects, ``{"$hex": ...}`` for bytes); ``bind`` names the
         result.  Returns the recorded ``result``/``errno``."""
         return self._run("host." + method, {"target": target, "args": args, "as": bind}, note)
+
+    def plug(self, sid: int, kind: str = "passthrough", *, host_sid: int | None = None, pasid_bits: int = 20,
+             ats: bool = False, pri: bool = False, group: int | None = None, note: str | None = None) -> int | None:
+        """A guest device at ``sid`` (vIOMMU machines): ``passthrough`` or ``emulated``; the host's errno
+        when it refused (the device is then not added), else None."""
+        return self._run("vmm.plug", {"sid": sid, "kind": kind, "host_sid": host_sid, "pasid_bits": pasid_bits,
+                                      "ats": ats, "pri": pri, "group": group}, note).get("errno")
+
+    def reset(self, note: str | None = None) -> None:
+        """System reset of a vIOMMU machine."""
+        self._run("vmm.reset", {}, note)
 
     def expect_registers(self, offsets: Sequence[int], note: str | None = None) -> None:
         """A note event carrying the current values of registers as expectations (read without effects)."""

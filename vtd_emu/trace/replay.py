@@ -71,12 +71,25 @@ class Machine:
     config: VtdConfig
     host: Any = None
     objects: dict[str, Any] = field(default_factory=dict)
+    vmm: Any = None
+    """The ``vtd_emu.vmm.Machine`` of a vIOMMU trace (``config.vmm``): ``iommu`` is its vIOMMU, ``ram`` the
+    host's RAM (what checkpoints hash), ``mem`` its guest-physical memory (what events address)."""
+    mem: Any = None
+    """The memory events read and write (``ram`` unless a vIOMMU machine's guest-physical view)."""
+
+    def __post_init__(self) -> None:
+        if self.mem is None:
+            self.mem = self.ram
 
     @classmethod
     def build(cls, cfg: TraceConfig, *, profile: str | None = None, base_dir: Path | None = None,
               file: str = "<trace>") -> Machine:
         """The machine ``cfg`` describes (``profile``, if given, replacing the trace's own); a relative
         ``ram_image`` is found in ``base_dir``."""
+        if cfg.vmm is not None:
+            if profile is not None:
+                raise TraceError(file, "config.vmm", f"a vIOMMU machine has no profile to replace (got {profile!r})")
+            return cls.on_vmm(_build_vmm(cfg, file))
         if cfg.host is not None:
             return cls.on_host(_build_host(cfg, profile, file))
         vc = unit_config(cfg, profile, file)
@@ -97,6 +110,12 @@ class Machine:
     def on_host(cls, host: Any) -> Machine:
         """A machine on ``host`` (a :class:`vtd_emu.host.Host`): its RAM and physical unit are the machine's."""
         return cls(host.ram, host.iommu, host.iommu.cfg, host, {"host": host})
+
+    @classmethod
+    def on_vmm(cls, vm: Any) -> Machine:
+        """A machine on ``vm`` (a :class:`vtd_emu.vmm.Machine`): events drive the guest's side (vIOMMU MMIO
+        through ``vm.mmio_write``, guest-physical memory, guest devices' DMA, machine actions)."""
+        return cls(vm.host.ram, vm.viommu, vm.cfg, vm.host, {"host": vm.host}, vm, vm.mem)
 
 
 def unit_config(cfg: TraceConfig, profile: str | None = None, file: str = "<trace>") -> VtdConfig:
@@ -123,6 +142,35 @@ def _host_module() -> Any:
     import vtd_emu.host as hostmod
 
     return hostmod
+
+
+def _build_vmm(cfg: TraceConfig, file: str) -> Any:
+    """The ``vtd_emu.vmm.Machine`` of ``config.vmm`` on a fresh ``Host``."""
+    from ..vmm import DEFAULT_VIOMMU
+    from ..vmm import Machine as VmmMachine
+
+    v = cfg.vmm or {}
+    try:
+        host = _host_module().Host(**(v.get("host") or {}))
+        return VmmMachine(host, v.get("viommu", DEFAULT_VIOMMU), v.get("guest_ram", 64 << 20),
+                          forwarding=v.get("forwarding", "coalesced"), dirty_tracking=v.get("dirty_tracking", False))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise TraceError(file, "config.vmm", f"cannot build the vIOMMU machine: {exc}") from None
+
+
+def bridge_record(action: Any) -> dict[str, Any]:
+    """A :class:`vtd_emu.vmm.BridgeAction` as a ``bridge`` expectation entry (JSON values, ints as ints)."""
+    return {"call": action.call, "on": action.trigger.kind, "args": _jsonable(action.args),
+            "result": _jsonable(action.result), "errno": action.errno}
+
+
+def bridge_stats(bridge: Any) -> dict[str, float]:
+    """A bridge's counters, with ioctls per forwarded descriptor."""
+    import dataclasses
+
+    d: dict[str, float] = dataclasses.asdict(bridge.stats)
+    d["ioctls_per_descriptor"] = bridge.stats.ioctls_per_descriptor
+    return d
 
 
 def _build_host(cfg: TraceConfig, profile: str | None, file: str) -> Any:
@@ -190,6 +238,8 @@ class ReplayStats:
     scalar_chunks: int = 0
     cache: dict[str, int] = field(default_factory=dict)
     invalidations: dict[str, int] = field(default_factory=dict)
+    bridge: dict[str, float] = field(default_factory=dict)
+    """A vIOMMU machine's bridge counters (:func:`bridge_stats`); empty for other traces."""
     seconds: float = 0.0
 
     def hit_rates(self) -> dict[str, float | None]:
@@ -214,7 +264,8 @@ class ReplayStats:
                 "page_requests": dict(self.page_requests), "checkpoints": self.checkpoints,
                 "host_calls": self.host_calls, "batched_chunks": self.batched_chunks,
                 "scalar_chunks": self.scalar_chunks, "cache": dict(self.cache), "hit_rates": self.hit_rates(),
-                "invalidations": dict(self.invalidations), "seconds": round(self.seconds, 6)}
+                "invalidations": dict(self.invalidations), **({"bridge": dict(self.bridge)} if self.bridge else {}),
+                "seconds": round(self.seconds, 6)}
 
     def merge(self, o: "ReplayStats") -> None:
         for k in ("events", "dmas", "dma_bytes", "chunks", "dropped", "untranslated", "mmio_reads", "mmio_writes",
@@ -228,6 +279,11 @@ class ReplayStats:
             self.cache[k] = self.cache.get(k, 0) + v
         for k, v in o.invalidations.items():
             self.invalidations[k] = self.invalidations.get(k, 0) + v
+        for k, b in o.bridge.items():
+            self.bridge[k] = self.bridge.get(k, 0) + b
+        if self.bridge:
+            d = self.bridge.get("descriptors", 0)
+            self.bridge["ioctls_per_descriptor"] = self.bridge.get("invalidate_calls", 0) / d if d else 0.0
 
 
 @dataclass
@@ -243,12 +299,15 @@ class ReplayResult:
     refused: str | None = None
     """Why the unit refused the trace's configuration, when that was the expected outcome (a QEMU scenario
     whose options QEMU refused too); nothing was replayed then."""
+    reports: list[Any] = field(default_factory=list)
+    """The vSVA validator's reports (``vtd_emu.vmm.validator.VsvaReport``) of a sanitized vIOMMU trace."""
+    validator: Any = None
 
 
 # -- hashes ------------------------------------------------------------------------------------------
 
 
-def memory_hash(ram: HostRAM, ranges: str | list[tuple[int, int]] = "all") -> str:
+def memory_hash(ram: HostRAM, ranges: str | list[tuple[int, int]] = "all", view: Any = None) -> str:
     """SHA-256 of memory: every non-zero 4 KiB page as (pfn, bytes) in address order, or the given ranges
     as (addr, len, bytes).  Never-written and all-zero pages hash alike, so sparse layouts do not matter."""
     h = hashlib.sha256()
@@ -263,9 +322,11 @@ def memory_hash(ram: HostRAM, ranges: str | list[tuple[int, int]] = "all") -> st
                 h.update(int(p).to_bytes(8, "little"))
                 h.update(page.tobytes())
     else:
+        # Ranges are addresses of ``view`` (the events' memory) when given.
+        src = ram if view is None else view
         for a, n in ranges:
             h.update(a.to_bytes(8, "little") + n.to_bytes(8, "little"))
-            h.update(ram.read(a, n))
+            h.update(src.read(a, n))
     return h.hexdigest()
 
 
@@ -327,7 +388,17 @@ class Replayer:
         base = Path(trace.source).parent if trace.source and not trace.source.startswith("<") else None
         self.m = machine or Machine.build(trace.config, profile=profile, base_dir=base, file=self.file)
         self.io = self.m.iommu
-        if sanitize:
+        self.vm = self.m.vmm
+        self.mem = self.m.mem
+        self.mmio: Any = self.io if self.vm is None else self.vm
+        self.validator: Any = None
+        if sanitize and self.vm is not None:
+            from ..vmm.validator import Validator
+
+            # The vSVA validator: both units' sanitizers, and the guest's writes watched.
+            self.validator = Validator(self.vm)
+            self.mem = self.validator.mem
+        elif sanitize:
             self.io.enable_sanitizer()  # batching sees a sanitizing unit and stays scalar
         self.ram = self.m.ram
         self.batch = batch
@@ -349,7 +420,13 @@ class Replayer:
         c0 = self._cache_snapshot()
         total = self.result.events
         last = t0
-        events = blockify(self.trace.events, BATCH_MIN_RUN) if self.engine is not None else self.trace.events
+        if self.vm is not None:
+            # Guest devices DMA through the machine, one event at a time.
+            events: Any = list(self.trace.iter_events())
+        elif self.engine is not None:
+            events = blockify(self.trace.events, BATCH_MIN_RUN)
+        else:
+            events = self.trace.events
         for ev in events:
             if isinstance(ev, DmaBlock):
                 step = PROGRESS_ROWS if self.progress is not None else len(ev)
@@ -377,6 +454,11 @@ class Replayer:
         if self.engine is not None:
             st.batched_chunks = self.engine.stats.batched_chunks
             st.scalar_chunks += self.engine.stats.scalar_chunks
+        if self.vm is not None:
+            st.bridge = bridge_stats(self.vm.bridge)
+        if self.validator is not None:
+            self.result.reports = list(self.validator.reports)
+            self.result.validator = self.validator
         st.seconds = time.perf_counter() - t0
         if self.record:
             t = self.trace
@@ -424,11 +506,17 @@ class Replayer:
         if handler is None and not op.startswith("host."):
             raise TraceError(self.file, ev.where or f"event {i}", f"unknown op {op!r}")
         exp = ev.expect
+        vm = self.vm
+        if self.validator is not None:
+            self.validator.event = i
+        if vm is None and exp is not None and "bridge" in exp:
+            raise TraceError(self.file, ev.where or f"event {i}", "expect.bridge needs a vIOMMU machine (config.vmm)")
+        n_actions = len(vm.bridge.actions) if vm is not None else 0
         watch = exp is not None and "mem_changes" in exp
         raises: dict[int, int] | None = exp.get("raises") if exp else None
         before = self.io.register_dump() if raises else {}
         if watch:
-            if not isinstance(self.ram, HostRAM):
+            if not isinstance(self.ram, HostRAM) or self.m.mem is not self.ram:
                 raise TraceError(self.file, ev.where or f"event {i}", "expect.mem_changes needs host RAM")
             self.ram.watch = []
         try:
@@ -439,6 +527,8 @@ class Replayer:
         finally:
             if watch:
                 self.ram.watch = None
+        if vm is not None and op in BRIDGE_OPS:
+            obs["bridge"] = [bridge_record(a) for a in vm.bridge.actions[n_actions:]]
         if raises:
             after = self.io.register_dump()
             obs["raises"] = {off: after.get(off, 0) & ~before.get(off, 0) & mask for off, mask in raises.items()}
@@ -450,7 +540,7 @@ class Replayer:
                         self._check(i, ev, f"register {off:#x}", val & mask, act & mask)
                 elif k == "mem":
                     for a, data in v:
-                        self._check(i, ev, f"memory at {a:#x}", data, self.ram.read(a, len(data)))
+                        self._check(i, ev, f"memory at {a:#x}", data, self.mem.read(a, len(data)))
                 elif k == "raises":
                     for off, mask in v.items():
                         self._check(i, ev, f"a bit of {mask:#x} newly set in register {off:#x}", True,
@@ -462,13 +552,15 @@ class Replayer:
 
     def _fresh(self, ev: Event, obs: dict[str, Any]) -> dict[str, Any] | None:
         keys = ("result", "errno") if ev.op.startswith("host.") else _RECORDED.get(ev.op, ())
+        if "bridge" in obs:
+            keys = keys + ("bridge",)
         out: dict[str, Any] = {k: v for k, v in obs.items() if k in keys}
         old = ev.expect or {}
         if "regs" in old:
             out["regs"] = {off: (self.io.mmio_read(off, reg_size(self.io, off)) & mask, mask)
                            for off, (_, mask) in old["regs"].items()}
         if "mem" in old:
-            out["mem"] = [(a, self.ram.read(a, len(d))) for a, d in old["mem"]]
+            out["mem"] = [(a, self.mem.read(a, len(d))) for a, d in old["mem"]]
         if "raises" in old:
             out.pop("raises", None)
             raised = {off: bits for off, bits in obs["raises"].items() if bits}
@@ -482,25 +574,26 @@ class Replayer:
     def _mem_write(self, ev: Event) -> dict[str, Any]:
         f = ev.fields
         self.stats.mem_writes += 1
+        mem = self.mem
         if "qwords" in f:
             a = f["addr"]
             for k, q in enumerate(f["qwords"]):
-                self.ram.write_u64(a + 8 * k, q)
+                mem.write_u64(a + 8 * k, q)
         else:
-            self.ram.write(f["addr"], f["hex"])
+            mem.write(f["addr"], f["hex"])
         return {}
 
     def _mem_read(self, ev: Event) -> dict[str, Any]:
-        return {"hex": self.ram.read(ev.fields["addr"], ev.fields["len"])}
+        return {"hex": self.mem.read(ev.fields["addr"], ev.fields["len"])}
 
     def _mmio_write(self, ev: Event) -> dict[str, Any]:
         self.stats.mmio_writes += 1
-        self.io.mmio_write(ev.fields["offset"], ev.fields["value"], ev.fields["size"])
+        self.mmio.mmio_write(ev.fields["offset"], ev.fields["value"], ev.fields["size"])
         return {}
 
     def _mmio_read(self, ev: Event) -> dict[str, Any]:
         self.stats.mmio_reads += 1
-        return {"value": self.io.mmio_read(ev.fields["offset"], ev.fields["size"])}
+        return {"value": self.mmio.mmio_read(ev.fields["offset"], ev.fields["size"])}
 
     def _qi_submit(self, ev: Event) -> dict[str, Any]:
         self.submit_descriptors(ev.fields["descriptors"], ev.where or f"event {self.index - 1}")
@@ -521,11 +614,11 @@ class Replayer:
                                  "a 256-bit descriptor needs a queue with IQA.DW=1 (256-bit slots)")
             qws = list(d) + [0] * (slot // 8 - len(d))
             for j, q in enumerate(qws):
-                self.ram.write_u64(base + (off + 8 * j) % qbytes, q)
+                self.mem.write_u64(base + (off + 8 * j) % qbytes, q)
             off = (off + slot) % qbytes
             t = descriptor_type(d[0])
             self.stats.qi_descriptors[DESC_TYPE_NAMES.get(t, f"type-{t:#x}")] += 1
-        io.mmio_write(IQT, off, 4)
+        self.mmio.mmio_write(IQT, off, 4)
 
     def _dma(self, ev: Event) -> dict[str, Any]:
         f = ev.fields
@@ -536,6 +629,8 @@ class Replayer:
             if payload is None:
                 raise TraceError(self.file, f"{ev.where or f'event {i}'} (dma) field 'data_from'",
                                  f"event {f['data_from']} has not run as a read DMA before this one")
+        if self.vm is not None:
+            return self._guest_dma(ev, i, payload)
         data, faults, addrs = self.dma(f["sid"], f.get("pasid"), f["iova"], f["len"], f["dir"] == "write",
                                        f.get("priv", False), payload)
         obs: dict[str, Any] = {"faults": faults, "addrs": addrs}
@@ -544,6 +639,62 @@ class Replayer:
             if i in self._keep_reads:
                 self._read_data[i] = data
         return obs
+
+    def _guest_dma(self, ev: Event, i: int, payload: bytes | None) -> dict[str, Any]:
+        """A guest device's DMA on a vIOMMU machine (emulated: the vIOMMU's walk; passthrough: the host's)."""
+        f = ev.fields
+        where = f"{ev.where or f'event {i}'} (dma)"
+        dev = self.vm.devices.get(f["sid"])
+        if dev is None:
+            raise TraceError(self.file, f"{where} field 'sid'", f"the guest has no device at {f['sid']:#06x}; plugged "
+                                                                f"(vmm.plug): {[hex(s) for s in sorted(self.vm.devices)]}")
+        if f.get("priv"):
+            raise TraceError(self.file, f"{where} field 'priv'", "guest devices send unprivileged requests only")
+        st = self.stats
+        st.dmas += 1
+        st.dma_bytes += f["len"]
+        st.chunks += ((f["iova"] + f["len"] - 1) >> 12) - (f["iova"] >> 12) + 1 if f["len"] else 0
+        try:
+            out = (dev.dma_read(f["iova"], f["len"], f.get("pasid")) if payload is None
+                   else dev.dma_write(f["iova"], payload, f.get("pasid")))
+        except ValueError as exc:
+            raise TraceError(self.file, f"{where} field 'pasid'", str(exc)) from None
+        for r in out.faults:
+            st.faults[r] += 1
+        obs: dict[str, Any] = {"faults": list(out.faults), "unbacked": out.unbacked}
+        if payload is None:
+            obs["data"] = out.data
+            if i in self._keep_reads:
+                self._read_data[i] = out.data
+        return obs
+
+    def _plug(self, ev: Event) -> dict[str, Any]:
+        """``vmm.plug``: a guest device (a host failure is the expectable ``errno``; the device is not added)."""
+        from ..errors import VtdEmuError
+
+        f = ev.fields
+        vm = self._need_vm(ev)
+        try:
+            if f["kind"] == "emulated":
+                vm.add_emulated_device(f["sid"], pasid_bits=f["pasid_bits"], ats=f["ats"], pri=f["pri"])
+            else:
+                vm.add_passthrough_device(f["sid"], f.get("host_sid"), pasid_bits=f["pasid_bits"], pri=f["pri"],
+                                          ats=f["ats"], group=f.get("group"))
+        except OSError as exc:
+            return {"errno": exc.errno}
+        except (VtdEmuError, ValueError) as exc:
+            raise TraceError(self.file, f"{ev.where or f'event {self.index - 1}'} ({ev.op})", str(exc)) from None
+        return {"errno": None}
+
+    def _reset(self, ev: Event) -> dict[str, Any]:
+        self._need_vm(ev).reset()
+        return {}
+
+    def _need_vm(self, ev: Event) -> Any:
+        if self.vm is None:
+            raise TraceError(self.file, f"{ev.where or f'event {self.index - 1}'} ({ev.op})",
+                             "machine actions need a vIOMMU machine (config.vmm)")
+        return self.vm
 
     def dma(self, sid: int, pasid: int | None, iova: int, length: int, write: bool, priv: bool,
             data: bytes | None) -> tuple[bytes | None, list[int], list[int | None]]:
@@ -619,10 +770,15 @@ class Replayer:
     def _checkpoint(self, ev: Event) -> dict[str, Any]:
         self.stats.checkpoints += 1
         f = ev.fields
-        obs: dict[str, Any] = {"mem_sha256": memory_hash(self.ram, f["mem"]), "faults": fault_list(self.io),
+        view = None if self.vm is None else self.m.mem
+        obs: dict[str, Any] = {"mem_sha256": memory_hash(self.ram, f["mem"], view), "faults": fault_list(self.io),
                                "interrupts": len(self.io.interrupts)}
         if f.get("regs", True):
             obs["regs_sha256"] = registers_hash(self.io)
+        if self.vm is not None:
+            # The host side: the physical unit's registers and the machine's live iommufd objects.
+            obs["host_regs_sha256"] = registers_hash(self.vm.host.iommu)
+            obs["objects"] = [[o.id, o.kind] for o in self.vm.objects()]
         return obs
 
     def _note(self, ev: Event) -> dict[str, Any]:
@@ -864,15 +1020,21 @@ _HANDLERS: dict[str, Callable[[Replayer, Event], dict[str, Any]]] = {
     "page_response": Replayer._page_response,
     "checkpoint": Replayer._checkpoint,
     "note": Replayer._note,
+    "vmm.plug": Replayer._plug,
+    "vmm.reset": Replayer._reset,
 }
+BRIDGE_OPS = frozenset({"mmio_write", "qi_submit", "page_response", "dma", "vmm.plug", "vmm.reset"})
+"""Events that may make a vIOMMU machine's bridge call the host: on such a machine ``record`` gives each
+the ``bridge`` expectation (``[]`` when it made none)."""
 
 # Expectations ``record`` fills for every event of an op.
 _RECORDED: dict[str, tuple[str, ...]] = {
-    "dma": ("faults", "addrs", "data"),
+    "dma": ("faults", "addrs", "data", "unbacked"),
     "mmio_read": ("value",),
     "mem_read": ("hex",),
     "page_request": ("status",),
-    "checkpoint": ("mem_sha256", "regs_sha256", "faults", "interrupts"),
+    "checkpoint": ("mem_sha256", "regs_sha256", "faults", "interrupts", "host_regs_sha256", "objects"),
+    "vmm.plug": ("errno",),
 }
 
 
