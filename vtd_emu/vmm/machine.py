@@ -168,7 +168,7 @@ class Machine:
                 ok, err = b.host_call("set_dirty_tracking", {"hwpt": parent, "enable": True},
                                       lambda: self.vmm.hwpt_set_dirty_tracking(parent))  # type: ignore[arg-type]
                 if not ok:
-                    self.vmm.destroy(parent)  # type: ignore[arg-type]
+                    b.host_call("destroy", {"hwpt": parent}, lambda: self.vmm.destroy(parent))  # type: ignore[arg-type]
                     raise err  # type: ignore[misc]
             self.parent_hwpt = parent  # type: ignore[assignment]
         hwpt = self.parent_hwpt
