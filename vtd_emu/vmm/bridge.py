@@ -50,7 +50,7 @@ from ..vtd.caches import sid_matches
 from ..vtd.descriptors import (ContextInvalidation, ControlEvent, DeviceTlbInvalidation, Invalidation,
                                InvalidationWait, IotlbInvalidation, PasidCacheInvalidation, PasidIotlbInvalidation,
                                QueueIdle, RootTableLatched, TranslationEnableChanged, UnitReset)
-from ..vtd.entries import CTX_LEGACY, FPD_SHIFT, PGTT_FS, PGTT_PT, TT_PT
+from ..vtd.entries import FPD_SHIFT, PGTT_FS, PGTT_PT, TT_PT, LegacyContext, ScalableContext
 from ..vtd.walk import F_EAFE, F_SRE, F_WPE
 from .devices import PassthroughDevice, guest_reason
 
@@ -72,7 +72,7 @@ class Trigger(NamedTuple):
     device plugs) when it happened."""
     kind: str
     """``context-cache``, ``pasid-cache``, ``iotlb``, ``pasid-iotlb``, ``device-tlb``, ``srtp``, ``te``,
-    ``wait``, ``queue-idle``, ``reset``, ``plug``, ``close`` or ``sync``."""
+    ``wait``, ``queue-idle``, ``reset``, ``plug`` or ``close``."""
     slot: int | None
     """The invalidation-queue slot of the descriptor, None for a register write or a machine action."""
     event: object | None
@@ -178,8 +178,8 @@ class Bridge:
         machine.viommu.add_control_observer(self._on_control)
 
     # -- host calls --------------------------------------------------------------------------------
-    def host_call(self, call: str, args: dict[str, Any], fn: Callable[[], T]) -> tuple[bool, T | OSError]:
-        """Make one host call, logged; (True, result) or (False, the OSError)."""
+    def host_call(self, call: str, args: dict[str, Any], fn: Callable[[], T]) -> T:
+        """Make one host call and log it; its ``OSError`` (logged with the errno) is re-raised."""
         st = self.stats
         st.host_calls += 1
         try:
@@ -187,9 +187,17 @@ class Bridge:
         except OSError as e:
             st.failed_calls += 1
             self._log(call, args, None, e.errno)
-            return False, e
+            raise
         self._log(call, args, result, None)
-        return True, result
+        return result
+
+    def _try(self, call: str, args: dict[str, Any], fn: Callable[[], object]) -> bool:
+        """A host call whose failure the caller handles by state alone: True when it succeeded."""
+        try:
+            self.host_call(call, args, fn)
+        except OSError:
+            return False
+        return True
 
     def _log(self, call: str, args: dict[str, Any], result: Any, err: int | None) -> None:
         a = BridgeAction(len(self.actions), self._trigger, call, args, result, err)
@@ -212,8 +220,7 @@ class Bridge:
     def _destroy(self, hwpt: int) -> None:
         self._pending.pop(hwpt, None)
         vmm = self.machine.vmm
-        ok, _ = self.host_call("destroy", {"hwpt": hwpt}, lambda: vmm.destroy(hwpt))
-        if not ok:
+        if not self._try("destroy", {"hwpt": hwpt}, lambda: vmm.destroy(hwpt)):
             self._zombies.append(hwpt)
 
     # -- observers ---------------------------------------------------------------------------------
@@ -277,13 +284,6 @@ class Bridge:
             for dev in self._passthrough():
                 self.reconcile(dev)
 
-    def sync(self, kind: str = "sync") -> None:
-        """Reconcile every passthrough device and every PASID now (a machine action: plug, reset)."""
-        self.begin(kind, None, False)
-        self.flush()
-        for dev in self._passthrough():
-            self.reconcile(dev)
-
     # -- binds -------------------------------------------------------------------------------------
     def _nested(self) -> list[BindState]:
         return [b for b in self.binds.values() if b.nested is not None and b.attached == b.nested]
@@ -300,18 +300,17 @@ class Bridge:
         ctx = v.load_context(dev.sid)
         if isinstance(ctx, int):
             return Desired(KIND_BLOCKED, None, None, (ctx >> FPD_SHIFT) & 1, ctx, "context entry unusable")
-        if ctx.kind == CTX_LEGACY:
+        if isinstance(ctx, LegacyContext):
             if pasid:
                 return Desired(KIND_BLOCKED, None, None, 0, FR.SM_RTA_LEGACY_PASID, "legacy mode has no PASIDs")
-            if ctx.tt == TT_PT:  # type: ignore[union-attr]
-                return Desired(KIND_PARENT, None, ctx.did, ctx.fpd, 0, "legacy pass-through")  # type: ignore[union-attr]
-            return Desired(KIND_BLOCKED, None, ctx.did, ctx.fpd,  # type: ignore[union-attr]
-                           FR.CONTEXT_ENTRY_INV | ctx.fpd << FPD_SHIFT,
+            if ctx.tt == TT_PT:
+                return Desired(KIND_PARENT, None, ctx.did, ctx.fpd, 0, "legacy pass-through")
+            return Desired(KIND_BLOCKED, None, ctx.did, ctx.fpd, FR.CONTEXT_ENTRY_INV | ctx.fpd << FPD_SHIFT,
                            "refused: legacy second-stage translation needs caching-mode shadowing")
-        sc = ctx
-        if pasid and not sc.paside:  # type: ignore[union-attr]
-            return Desired(KIND_BLOCKED, None, None, sc.fpd, FR.SM_PASIDE_CLEAR | sc.fpd << FPD_SHIFT, "PASIDE clear")
-        pe = v.load_pasid(sc.pasid_dir, sc.pdts, sc.fpd, pasid)  # type: ignore[union-attr]
+        if pasid and not ctx.paside:
+            return Desired(KIND_BLOCKED, None, None, ctx.fpd, FR.SM_PASIDE_CLEAR | ctx.fpd << FPD_SHIFT,
+                           "PASIDE clear")
+        pe = v.load_pasid(ctx.pasid_dir, ctx.pdts, ctx.fpd, pasid)
         if isinstance(pe, int):
             return Desired(KIND_BLOCKED, None, None, (pe >> FPD_SHIFT) & 1, pe, "PASID entry unusable")
         if pe.pgtt == PGTT_FS:
@@ -332,11 +331,11 @@ class Bridge:
         if not (v.te and v.root_scalable and not v.root_invalid) or not dev.pasid_bits:
             return out
         ctx = v.load_context(dev.sid)
-        if isinstance(ctx, int) or ctx.kind == CTX_LEGACY:
+        if not isinstance(ctx, ScalableContext):
             return out
         mem = v.mem
-        n_dir = min(1 << (ctx.pdts + 7), max(1, (1 << dev.pasid_bits) >> 6))  # type: ignore[union-attr]
-        raw = mem.read(ctx.pasid_dir, n_dir * 8)  # type: ignore[union-attr]
+        n_dir = min(1 << (ctx.pdts + 7), max(1, (1 << dev.pasid_bits) >> 6))
+        raw = mem.read(ctx.pasid_dir, n_dir * 8)
         for d in range(n_dir):
             de = int.from_bytes(raw[8 * d:8 * d + 8], "little")
             if not de & 1:
@@ -379,14 +378,15 @@ class Bridge:
             assert d.s1 is not None and parent is not None
             s1 = d.s1
             vmm = self.machine.vmm
-            ok, new = self.host_call("hwpt_alloc", {"dev_id": dev.dev_id, "pt_id": parent, "flags": HWPT_ALLOC_PASID,
-                                                    "s1_flags": s1.flags, "pgtbl_addr": s1.pgtbl_addr,
-                                                    "addr_width": s1.addr_width, "sid": dev.sid, "pasid": pasid},
-                                     lambda: vmm.hwpt_alloc(dev.dev_id, parent, HWPT_ALLOC_PASID, s1))
-            if not ok:
-                self._refuse(dev, cur, d, new)  # type: ignore[arg-type]
+            try:
+                target = self.host_call("hwpt_alloc", {"dev_id": dev.dev_id, "pt_id": parent,
+                                                       "flags": HWPT_ALLOC_PASID, "s1_flags": s1.flags,
+                                                       "pgtbl_addr": s1.pgtbl_addr, "addr_width": s1.addr_width,
+                                                       "sid": dev.sid, "pasid": pasid},
+                                        lambda: vmm.hwpt_alloc(dev.dev_id, parent, HWPT_ALLOC_PASID, s1))
+            except OSError as e:
+                self._refuse(dev, cur, d, e)
                 return
-            target: int = new  # type: ignore[assignment]
         else:
             if cur.attached == parent and cur.nested is None:
                 cur.kind, cur.did, cur.fpd, cur.reason, cur.errno, cur.note = d.kind, d.did, d.fpd, 0, None, d.note
@@ -394,11 +394,15 @@ class Bridge:
                 return
             assert parent is not None
             target = parent
-        ok, res = self._attach(dev, pasid, target, cur.attached is not None)
-        if not ok:
+        host_pasid = pasid or None
+        try:
+            self.host_call("replace" if cur.attached is not None else "attach",
+                           {"dev_id": dev.dev_id, "sid": dev.sid, "pasid": pasid, "hwpt": target},
+                           lambda: dev.vfio.attach_pt(target, pasid=host_pasid))
+        except OSError as e:
             if d.kind == KIND_NESTED:
                 self._destroy(target)
-            self._refuse(dev, cur, d, res)  # type: ignore[arg-type]
+            self._refuse(dev, cur, d, e)
             return
         old = cur.nested
         nested = target if d.kind == KIND_NESTED else None
@@ -408,12 +412,6 @@ class Bridge:
         if old is not None:
             self.stats.unbinds += 1
             self._destroy(old)
-
-    def _attach(self, dev: PassthroughDevice, pasid: int, hwpt: int, replace: bool) -> tuple[bool, Any]:
-        host_pasid = pasid or None
-        return self.host_call("replace" if replace else "attach",
-                              {"dev_id": dev.dev_id, "sid": dev.sid, "pasid": pasid, "hwpt": hwpt},
-                              lambda: dev.vfio.attach_pt(hwpt, pasid=host_pasid))
 
     def _refuse(self, dev: PassthroughDevice, cur: BindState, d: Desired, exc: OSError) -> None:
         self.stats.refusals += 1
@@ -428,9 +426,8 @@ class Bridge:
         attached, old = cur.attached, cur.nested
         if attached is not None:
             host_pasid = cur.pasid or None
-            ok, _ = self.host_call("detach", {"dev_id": dev.dev_id, "sid": dev.sid, "pasid": cur.pasid},
-                                   lambda: dev.vfio.detach_pt(pasid=host_pasid))
-            if ok:
+            if self._try("detach", {"dev_id": dev.dev_id, "sid": dev.sid, "pasid": cur.pasid},
+                         lambda: dev.vfio.detach_pt(pasid=host_pasid)):
                 attached = None
         if attached is None and old is not None:
             self.stats.unbinds += 1
@@ -489,11 +486,13 @@ class Bridge:
             args = {"hwpt": hwpt, "entries": [(e.addr, e.npages, e.flags) for e in entries],
                     "descriptors": [(p.trigger.action, p.trigger.slot, p.trigger.kind) for p in chunk]}
             st.invalidate_calls += 1
-            ok, res = self.host_call("invalidate", args, lambda: vmm.hwpt_invalidate(hwpt, entries))
-            if ok:
+            try:
+                self.host_call("invalidate", args, lambda: vmm.hwpt_invalidate(hwpt, entries))
+            except OSError as e:
+                done = getattr(e, "entry_num", None) or 0
+            else:
                 st.invalidate_entries += len(chunk)
                 return
-            done = getattr(res, "entry_num", None) or 0
             st.invalidate_entries += done
             st.failed_forwards += 1
             qi = self.machine.viommu.qi
@@ -501,15 +500,21 @@ class Bridge:
                 qi.report_timeout(chunk[done].sid)
             i += done + 1
 
-    # -- teardown ----------------------------------------------------------------------------------
+    # -- devices -----------------------------------------------------------------------------------
+    def plugged(self, dev: PassthroughDevice) -> None:
+        """``dev`` was just attached (RID) to the nest parent: record it, and bind whatever the guest's
+        tables already say for it (a device hot-plugged into a running guest)."""
+        self.binds[(dev.sid, 0)] = BindState(dev.sid, 0, KIND_PARENT, self.machine.parent_hwpt, note="plugged")
+        self.reconcile(dev)
+
     def unplug(self, dev: PassthroughDevice) -> None:
         """Detach and free everything bound for ``dev`` (the machine then unbinds it)."""
         for key in sorted(k for k in self.binds if k[0] == dev.sid):
             b = self.binds.pop(key)
             if b.attached is not None:
                 host_pasid = b.pasid or None
-                self.host_call("detach", {"dev_id": dev.dev_id, "sid": dev.sid, "pasid": b.pasid},
-                               lambda: dev.vfio.detach_pt(pasid=host_pasid))
+                self._try("detach", {"dev_id": dev.dev_id, "sid": dev.sid, "pasid": b.pasid},
+                          lambda: dev.vfio.detach_pt(pasid=host_pasid))
             if b.nested is not None:
                 self._destroy(b.nested)
         self._reap()

@@ -18,7 +18,7 @@ from ..vtd.config import VtdConfig
 from ..vtd.entries import INTR_LO
 from ..vtd.events import Interrupt
 from ..vtd.iommu import VtdIommu
-from .bridge import FORWARDING_MODES, BindState, Bridge
+from .bridge import FORWARDING_MODES, Bridge
 from .caps import DEFAULT_VIOMMU, DeviceNeeds, HostCaps, check_host, viommu_config
 from .devices import EmulatedDevice, GuestDevice, PassthroughDevice
 
@@ -97,6 +97,11 @@ class Machine:
         self.guest_actions += 1
         self.viommu.reset()
 
+    @property
+    def sid_map(self) -> dict[int, int]:
+        """Guest requester id → host requester id of every passthrough device."""
+        return {sid: d.host_sid for sid, d in self.devices.items() if isinstance(d, PassthroughDevice)}
+
     def hpa_of(self, gpa: int) -> int | None:
         """The host-physical address of guest-physical ``gpa`` (None outside guest RAM)."""
         hit = self.ram_map.lookup(gpa)
@@ -134,48 +139,39 @@ class Machine:
             vfio = self.host.add_device(hsid, group=group, pasid_bits=pasid_bits, pri=pri, ats=ats)
         self.guest_actions += 1
         b = self.bridge
-        b.begin("plug", None, False)
-        ok, dev_id = b.host_call("bind", {"sid": guest_sid, "host_sid": hsid}, lambda: vfio.bind_iommufd(self.vmm))
-        if not ok:
-            raise dev_id  # type: ignore[misc]
+        b.begin("plug")
+        dev_id = b.host_call("bind", {"sid": guest_sid, "host_sid": hsid}, lambda: vfio.bind_iommufd(self.vmm))
         try:
-            self._plug(vfio, dev_id, DeviceNeeds(pasid_bits, ats or pri, pri))  # type: ignore[arg-type]
+            self._plug(vfio, dev_id, DeviceNeeds(pasid_bits, ats or pri, pri))
         except BaseException:
             vfio.unbind()
             raise
-        dev = PassthroughDevice(self, guest_sid, vfio, dev_id, pasid_bits, ats, pri)  # type: ignore[arg-type]
+        dev = PassthroughDevice(self, guest_sid, vfio, dev_id, pasid_bits, ats, pri)
         self.devices[guest_sid] = dev
-        b.binds[(guest_sid, 0)] = BindState(guest_sid, 0, "parent", self.parent_hwpt, note="plugged")
-        b.reconcile(dev)
+        b.plugged(dev)
         return dev
 
     def _plug(self, vfio: VfioDevice, dev_id: int, needs: DeviceNeeds) -> None:
         b = self.bridge
-        ok, info = b.host_call("get_hw_info", {"dev_id": dev_id}, lambda: self.vmm.get_hw_info(dev_id))
-        if not ok:
-            raise info  # type: ignore[misc]
-        caps = HostCaps.of(info)  # type: ignore[arg-type]
+        info = b.host_call("get_hw_info", {"dev_id": dev_id}, lambda: self.vmm.get_hw_info(dev_id))
+        caps = HostCaps.of(info)
         check_host(self.cfg, caps, needs)
         if self.parent_hwpt is None:
             flags = HWPT_ALLOC_NEST_PARENT | HWPT_ALLOC_PASID
             if self.dirty_tracking and caps.dirty_tracking:
                 flags |= HWPT_ALLOC_DIRTY_TRACKING
-            ok, parent = b.host_call("hwpt_alloc", {"dev_id": dev_id, "pt_id": self.ioas, "flags": flags},
-                                     lambda: self.vmm.hwpt_alloc(dev_id, self.ioas, flags))
-            if not ok:
-                raise parent  # type: ignore[misc]
+            parent = b.host_call("hwpt_alloc", {"dev_id": dev_id, "pt_id": self.ioas, "flags": flags},
+                                 lambda: self.vmm.hwpt_alloc(dev_id, self.ioas, flags))
             if flags & HWPT_ALLOC_DIRTY_TRACKING:
-                ok, err = b.host_call("set_dirty_tracking", {"hwpt": parent, "enable": True},
-                                      lambda: self.vmm.hwpt_set_dirty_tracking(parent))  # type: ignore[arg-type]
-                if not ok:
-                    self.vmm.destroy(parent)  # type: ignore[arg-type]
-                    raise err  # type: ignore[misc]
-            self.parent_hwpt = parent  # type: ignore[assignment]
+                try:
+                    b.host_call("set_dirty_tracking", {"hwpt": parent, "enable": True},
+                                lambda: self.vmm.hwpt_set_dirty_tracking(parent))
+                except OSError:
+                    b.host_call("destroy", {"hwpt": parent}, lambda: self.vmm.destroy(parent))
+                    raise
+            self.parent_hwpt = parent
         hwpt = self.parent_hwpt
-        assert hwpt is not None
-        ok, res = b.host_call("attach", {"dev_id": dev_id, "pasid": 0, "hwpt": hwpt}, lambda: vfio.attach_pt(hwpt))
-        if not ok:
-            raise res  # type: ignore[misc]
+        b.host_call("attach", {"dev_id": dev_id, "pasid": 0, "hwpt": hwpt}, lambda: vfio.attach_pt(hwpt))
 
     # -- teardown ----------------------------------------------------------------------------------
     def objects(self) -> list[ObjectInfo]:
