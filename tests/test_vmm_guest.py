@@ -607,3 +607,18 @@ def test_legacy_replace_clears_the_context_then_installs_the_new_domain() -> Non
     drv.detach_device(sid)
     r = iommu.translate(sid, 0x1000, "r")
     assert isinstance(r, Fault) and r.reason == consts.FR.CONTEXT_ENTRY_P
+
+
+def test_write_buffer_flushes_on_units_that_ask_for_them() -> None:
+    ram, iommu, rec, drv = make("qemu-7.2-default", {"cap.RWBF": 1})
+    w = rec.named()
+    wbf = [i for i, (n, v) in enumerate(w) if n == "GCMD" and v & G.WBF]
+    # iommu_flush_write_buffer before iommu_set_root_entry and again before the PRQ/interrupt loop.
+    rtaddr = [n for n, _ in w].index("RTADDR")
+    assert len(wbf) == 2 and wbf[0] < rtaddr < wbf[1]
+    assert all(w[i][1] == G.QIE | G.WBF for i in wbf)
+    dom = drv.domain_alloc("ss")
+    n = len(rec.writes)
+    drv.attach_device(0x10, dom)                         # not-present to present without CM: WBF only
+    drv.map(dom, 0x1000, DATA, PAGE_4K, R)
+    assert rec.named()[n:] == [("GCMD", G.QIE | G.TE | G.WBF)] * 2
