@@ -627,3 +627,20 @@ def test_write_buffer_flushes_on_units_that_ask_for_them() -> None:
     drv.attach_device(0x10, dom)                         # not-present to present without CM: WBF only
     drv.map(dom, 0x1000, DATA, PAGE_4K, R)
     assert rec.named()[n:] == [("GCMD", G.QIE | G.TE | G.WBF)] * 2
+
+
+@pytest.mark.parametrize("preset", ["qemu-7.2-default", "qemu-7.2-scalable-pasid"])
+@pytest.mark.parametrize("profile", ["spec", "qemu-7.2"])
+def test_drives_units_with_qemu_capabilities_and_quirks(preset: str, profile: str) -> None:
+    ram = HostRAM()
+    iommu = VtdIommu(ram, VtdConfig.preset(preset, profile=profile))
+    drv = GuestDriver(iommu, ram, alloc_base=ALLOC_BASE, alloc_limit=ALLOC_LIMIT)
+    drv.init()
+    assert drv.scalable == preset.endswith("pasid")
+    dom = drv.domain_alloc("ss")
+    drv.attach_device(0x10, dom)
+    drv.map(dom, 0x4_0000, DATA, 2 * PAGE_4K, R | W)
+    assert iommu.dma_write(0x10, 0x4_1010, b"q").ok and ram.read(DATA + 0x1010, 1) == b"q"
+    drv.unmap(dom, 0x4_0000, 2 * PAGE_4K)
+    assert not iommu.dma_write(0x10, 0x4_1010, b"q").ok
+    assert not iommu.mmio_read(off("FSTS"), 4) & (consts.FSTS.IQE | consts.FSTS.ITE)
