@@ -52,7 +52,6 @@ from ..vtd.faults import reason_name
 from ..vtd.qi import LAYOUTS, TYPE_NAMES
 from ..vtd.results import StaleHit
 from .bridge import KIND_BLOCKED, KIND_NESTED, BridgeAction
-from .devices import PassthroughDevice
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -213,10 +212,7 @@ class Validator:
                                                      "caches", h.cached, h.fresh)
 
     def _guest_of(self, host_sid: int) -> int | None:
-        for d in self.m.devices.values():
-            if isinstance(d, PassthroughDevice) and d.host_sid == host_sid:
-                return d.sid
-        return None
+        return next((g for g, h in self.m.sid_map.items() if h == host_sid), None)
 
     def _host_hit(self, h: StaleHit) -> None:
         sid = self._guest_of(h.sid)
