@@ -13,8 +13,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Every shipped trace: our own (YAML, JSON Lines, binary), the QEMU-log import, the QEMU 7.2 scenarios.
+# The vIOMMU machine traces also go through the vSVA validator: the clean flows give no finding, and
+# each "forgot to invalidate" variant must be reported (exit status 1).
+VMM_CLEAN = traces/vmm-vsva.yaml traces/vmm-replace.yaml traces/vmm-unbind.yaml traces/vmm-reset.yaml \
+	traces/vmm-unmap-storm.jsonl traces/vmm-unmap-storm-one-per-call.jsonl
+VMM_FORGOT = traces/vmm-forgot-piotlb.yaml traces/vmm-forgot-pasid-cache.yaml traces/vmm-torn-update.yaml
 run: $(STAMP)
 	$(BIN)/vtd-emu replay --check traces/*.yaml traces/*.jsonl traces/*.npz traces/qemu-import/*.yaml traces/qemu-7.2/*.jsonl
+	$(BIN)/vtd-emu replay --check --sanitize $(VMM_CLEAN)
+	for t in $(VMM_FORGOT); do $(BIN)/vtd-emu replay --sanitize $$t > /dev/null; test $$? = 1 || exit 1; done
 
 # tests/test_qemu_live.py needs QEMU 7.2 (Debian 12's qemu-system-x86) and skips without it.  As root in CI
 # (CI set) or with VTD_EMU_INSTALL_QEMU=1, try to install it first: best effort, never failing the build

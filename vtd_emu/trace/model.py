@@ -538,7 +538,7 @@ def _parse_vmm(doc: dict[str, Any], fail: Callable[[str, str], TraceError]) -> d
     v = doc["vmm"]
     if not isinstance(v, dict):
         raise fail("vmm", f"expected a mapping of {list(VMM_KEYS)}")
-    others = sorted(k for k in doc if k not in ("vmm", "profile", "preset") and doc[k] not in (None, {}, []))
+    others = sorted(k for k in doc if k not in ("vmm", "preset") and doc[k] not in (None, {}, []))
     if others or doc.get("preset") is not None:
         raise fail("vmm", f"a vIOMMU machine is configured in config.vmm only; remove config.{(others or ['preset'])[0]}")
     out: dict[str, Any] = {}
