@@ -142,6 +142,28 @@ def test_a_bound_pasid_entry_changed_without_pasid_cache_invalidation(then: str)
     m.close()
 
 
+def test_an_entry_cached_by_the_vIOMMU_changed_under_an_emulated_device() -> None:
+    m, val, drv, fs, did = bound(EMU, emulated=True)   # the DMA cached EMU's context and PASID entries
+    other = FirstStageTable(val.mem, drv.alloc, levels=4)
+    other.map(GVA, NEW, PAGE, R | W | U)
+    rebind_in_place(drv, EMU, did, other.root)
+    m.devices[EMU].dma_read(GVA + 0x10, 4, pasid=PASID)
+    # The change is found before the DMA uses it, and the sanitizer sees the cached translation is stale.
+    assert kinds(val) == [("entry-changed", EMU, PASID), ("stale-viommu", EMU, PASID)]
+    assert (val.reports[1].cached, val.reports[1].fresh) == (OLD + 0x10, NEW + 0x10)
+    # A context entry changed in place (FPD set) is reported against the device, without PASID.
+    root = drv.root
+    assert root is not None
+    caddr = root.context_entry_addr(EMU >> 8, EMU & 0xFF)
+    assert caddr is not None
+    val.mem.write_u64(caddr, val.mem.read_u64(caddr) | 2)
+    m.devices[EMU].dma_read(GVA + 0x10, 4, pasid=PASID)
+    # (the PASID entry was never invalidated: the cached translation is still stale, and says so again)
+    assert kinds(val)[2:] == [("entry-changed", EMU, None), ("stale-viommu", EMU, PASID)]
+    assert "context entry" in val.reports[2].details
+    m.close()
+
+
 def test_the_same_change_followed_by_the_invalidation_is_not_a_finding() -> None:
     m, val, drv, fs, did = bound()
     other = FirstStageTable(val.mem, drv.alloc, levels=4)

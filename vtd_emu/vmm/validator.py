@@ -230,6 +230,8 @@ class Validator:
                 gsid = sid if guest else self._guest_of(sid)
                 if gsid is not None:
                     self._used(gsid, ptag)
+            if guest:
+                self._stale = True  # the vIOMMU may fill its context / PASID caches
             return int(inner(sid, ptag, iova, req))
 
         unit.xlate = xlate
