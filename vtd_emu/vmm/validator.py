@@ -102,7 +102,7 @@ def _answer(value: int) -> str:
     return f"{value:#x}" if value >= 0 else f"fault {-value:#x} {reason_name(-value)}"
 
 
-class _Sink(list):  # type: ignore[type-arg]
+class _Sink(list[StaleHit]):
     """A sanitizer's ``stale_hits`` list that also hands every hit to the validator."""
 
     def __init__(self, on_hit: Callable[[StaleHit], None]) -> None:
@@ -178,14 +178,15 @@ class Validator:
         host.iommu.stale_hits = _Sink(self._host_hit)
         self._wrap_xlate(v, guest=True)
         self._wrap_xlate(host.iommu, guest=False)
+        self._iqt = _offset("IQT")
         inner_mmio = machine.mmio_write
 
         def mmio_write(offset: int, value: int, size: int = 4) -> None:
+            # Descriptors are checked as the guest hands them over, before the unit fetches them.
             if offset == self._iqt and v.qi is not None:
                 self._check_queue(value)
             inner_mmio(offset, value, size)
 
-        self._iqt = _offset("IQT")
         machine.mmio_write = mmio_write  # type: ignore[method-assign]
         v.add_invalidation_observer(self._on_invalidation)
         v.add_control_observer(self._on_control)
@@ -239,7 +240,7 @@ class Validator:
     # -- entries in use ----------------------------------------------------------------------------
     def _in_use(self) -> list[tuple[int, int, int | None]]:
         """(guest sid, PASID index, DID) of every entry the bridge made host state from or the vIOMMU
-        caches hold."""
+        caches hold (PASID index -1: only the context entry is cached)."""
         out: dict[tuple[int, int], int | None] = {}
         for (sid, pasid), b in self.m.bridge.binds.items():
             if b.kind != KIND_BLOCKED:
