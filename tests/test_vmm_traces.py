@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vtd_emu.cli import main
 from vtd_emu.errors import TraceError
@@ -174,3 +176,70 @@ def test_version_1_traces_stay_version_1(tmp_path: Path) -> None:
     save_trace(t, tmp_path / "again.yaml")
     assert (tmp_path / "again.yaml").read_text().startswith(f"format: {FORMAT}\n")
     assert (tmp_path / "again.yaml").read_bytes() == (TRACES / "legacy-dma.yaml").read_bytes()
+
+
+# -- random flows --------------------------------------------------------------------------------------
+
+Step = tuple[str, int, bool]
+STEPS = st.lists(st.tuples(st.sampled_from(["write", "read", "remap", "rebind"]), st.integers(0, 3), st.booleans()),
+                 min_size=1, max_size=12)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=STEPS, forwarding=st.sampled_from(["coalesced", "one-per-call"]))
+def test_random_vsva_flows_replay_bit_for_bit_and_the_validator_matches_a_model(
+        steps: list[Step], forwarding: str) -> None:
+    """A guest process bound to a PASID; random DMAs, remaps of its four pages (with the PASID-based
+    IOTLB invalidation, or — the flag clear — without it) and re-binds to a copy of the table.  The
+    recording replays to the same machine state, and the validator reports a stale host translation for
+    exactly the DMAs a model of the host IOTLB says hit a page remapped since it was cached."""
+    rec = Recorder(TraceConfig(preset=None, vmm={"guest_ram": 16 << 20, "forwarding": forwarding}))
+    rec.plug(SID)
+    drv = GuestDriver(rec, rec.mem, alloc_base=0x10_0000, alloc_limit=0x80_0000)
+    drv.init()
+    gpa = {i: 0x90_0000 + i * PAGE for i in range(4)}
+
+    def table() -> FirstStageTable:
+        fs = FirstStageTable(rec.mem, drv.alloc, levels=4)
+        for i, g in gpa.items():
+            fs.map(GVA + i * PAGE, g, PAGE, R | W | U)
+        return fs
+
+    fs = table()
+    dom = drv.bind_pasid(SID, PASID, fs.root)
+    # page -> (the GPA the host IOTLB holds for it, whether that entry allows writes: the builder's PTEs
+    # have D clear, so an entry a read filled cannot answer a write, which walks again and sets D)
+    cached: dict[int, tuple[int, bool]] = {}
+    stale_events: list[int] = []
+    for n, (op, i, flag) in enumerate(steps):
+        va = GVA + i * PAGE
+        if op in ("write", "read"):
+            hit = i in cached and (op == "read" or cached[i][1])
+            if hit and cached[i][0] != gpa[i]:
+                stale_events.append(len(rec.trace().events))
+            elif not hit:
+                cached[i] = (gpa[i], op == "write")
+            if op == "write":
+                rec.dma_write(SID, va + 8, bytes([n]) * 8, pasid=PASID)
+            else:
+                rec.dma_read(SID, va + 8, 8, pasid=PASID)
+        elif op == "remap":
+            gpa[i] = 0xA0_0000 + n * PAGE
+            fs.unmap(va, PAGE)
+            fs.map(va, gpa[i], PAGE, R | W | U)
+            if flag:
+                drv.flush_sva_range(dom, va, PAGE)
+                cached.pop(i, None)
+        else:
+            drv.unbind_pasid(SID, PASID)
+            fs = table()
+            dom = drv.bind_pasid(SID, PASID, fs.root)
+            cached.clear()
+    rec.checkpoint("end")
+    assert rec.vm is not None
+    r = Replayer(rec.trace()).run()
+    assert r.mismatches == [] and r.machine is not None and state(r.machine.vmm) == state(rec.vm)
+    v = Replayer(rec.trace(), sanitize=True).run()
+    assert v.mismatches == []
+    assert [(x.kind, x.event, x.sid, x.pasid) for x in v.reports] == [("stale-host", e, SID, PASID)
+                                                                     for e in stale_events]
