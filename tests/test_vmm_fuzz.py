@@ -17,7 +17,7 @@ from vtd_emu.vmm import Machine, PassthroughDevice
 from vtd_emu.vtd.entries import REASON_MASK
 from vtd_emu.vtd.qi import T_CONTEXT, T_DEV_TLB, T_IOTLB, T_PASID_CACHE, T_PASID_DEV_TLB, T_PIOTLB, make_descriptor
 
-from vmm_helpers import ITE, RawGuest
+from vmm_helpers import ITE, RawGuest, reg
 
 SIDS = (0x0310, 0x0318)
 RAM = 8 << 20
@@ -134,7 +134,7 @@ def test_a_misbehaving_guest_never_breaks_the_bridge(actions: list[tuple[Any, ..
             g.set_te(a[1])
         elif kind == "srtp":
             root = {"own": g.rt.root, "outside": RAM + 0x10_0000, "junk": 0x3000}[a[1]]
-            m.mmio_write(0x20, root | 1 << 10, 8)
+            m.mmio_write(reg("RTADDR"), root | 1 << 10, 8)
             gcmd_set(m, GCMD.SRTP)
         elif kind == "reset":
             m.reset()
