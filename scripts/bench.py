@@ -805,6 +805,7 @@ class _QueueGuest:
     RAM, a 256-bit invalidation queue, descriptors followed by a status-writing wait."""
 
     def __init__(self, m: "Machine", sids: tuple[int, ...]) -> None:
+        from vtd_emu.spec import specs
         from vtd_emu.spec.consts import GCMD, IQA
         from vtd_emu.tables import gcmd_set
 
@@ -819,7 +820,8 @@ class _QueueGuest:
         self.queue, self.status = self.alloc.alloc(), self.alloc.alloc()
         self.slot = 0
         self.waits = 0
-        m.mmio_write(0x90, self.queue | IQA.DW, 8)
+        self.iqt = specs().register("IQT").offset
+        m.mmio_write(specs().register("IQA").offset, self.queue | IQA.DW, 8)
         gcmd_set(m, GCMD.QIE)
         enable_translation(m, self.rt.root, scalable=True)
 
@@ -831,7 +833,7 @@ class _QueueGuest:
         for d in descs + [make_descriptor(T_WAIT, SW=1, STATUS_DATA=token, STATUS_ADDR=self.status)]:
             self.m.mem.write(self.queue + 32 * self.slot, b"".join(q.to_bytes(8, "little") for q in d).ljust(32, b"\0"))
             self.slot = (self.slot + 1) % 128
-        self.m.mmio_write(0x88, 32 * self.slot, 8)
+        self.m.mmio_write(self.iqt, 32 * self.slot, 8)
         if int.from_bytes(self.m.mem.read(self.status, 4), "little") != token:
             fail("vmm: an invalidation wait did not complete")
 

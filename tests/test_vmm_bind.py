@@ -13,7 +13,7 @@ from vtd_emu.tables import PGTT_PT, PGTT_SS, U, W
 from vtd_emu.vmm import Machine
 from vtd_emu.vtd.descriptors import PasidCacheInvalidation
 
-from vmm_helpers import ITE, RawGuest, context_global, expected_hpa, pasid_cache, piotlb
+from vmm_helpers import ITE, RawGuest, context_global, expected_hpa, pasid_cache, piotlb, reg
 
 SID, EMU = 0x0310, 0x0320
 PASID = 0x42
@@ -161,7 +161,7 @@ def test_reset_and_srtp_rebind_everything() -> None:
     assert {"pasid-cache", "te"} <= kinds
     # Point the unit at another root table (empty): SRTP unbinds everything (RID detached: blocked).
     other = RawGuest(m, base=0x90_0000, limit=0xA0_0000)
-    m.mmio_write(0x20, other.rt.root | 1 << 10, 8)
+    m.mmio_write(reg("RTADDR"), other.rt.root | 1 << 10, 8)
     from vtd_emu.tables import gcmd_set
     from vtd_emu.spec.consts import GCMD
     gcmd_set(m, GCMD.SRTP)
@@ -207,8 +207,9 @@ def test_host_refusal_blocks_the_pasid_and_faults_with_invalid_pasid_entry() -> 
     m.close()
 
 
-def test_context_invalidation_rebinds_and_failed_forward_aborts_the_wait_with_ite() -> None:
-    m, g = machine()
+@pytest.mark.parametrize("mode", ["coalesced", "one-per-call"])
+def test_context_invalidation_rebinds_and_failed_forward_aborts_the_wait_with_ite(mode: str) -> None:
+    m, g = machine(forwarding=mode)
     dev = m.devices[SID]
     fs = g.fs_table()
     fs.map(GVA, 0x100_0000, PAGE, W | U)
@@ -226,6 +227,7 @@ def test_context_invalidation_rebinds_and_failed_forward_aborts_the_wait_with_it
     m.vmm.hwpt_invalidate = failing  # type: ignore[method-assign]
     assert not g.submit(piotlb(DID, PASID, GVA))
     assert g.fsts() & ITE and m.bridge.stats.failed_forwards == 1
+    assert (m.mmio_read(reg("IQERCD"), 8) >> 32) & 0xFFFF == SID     # ITESID: the guest's device
     m.vmm.hwpt_invalidate = orig  # type: ignore[method-assign]
     g.clear_fsts(ITE)
     assert g.submit(piotlb(DID, PASID, GVA)) and not g.fsts() & ITE
@@ -261,4 +263,22 @@ def test_hwpt_vtd_s1_carries_fspm_sre_wpe_eafe() -> None:
     assert (alloc.args["addr_width"], alloc.args["s1_flags"]) == (57, VTD_S1_SRE | VTD_S1_WPE | VTD_S1_EAFE)
     assert m.bridge.binds[(SID, PASID)].s1 == HwptVtdS1(VTD_S1_SRE | VTD_S1_WPE | VTD_S1_EAFE, fs5.root, 57)
     assert m.devices[SID].dma_write(GVA, b"5lvl", pasid=PASID).ok
+    m.close()
+
+
+def test_legacy_mode_guest_pass_through_is_backed_and_second_stage_refused() -> None:
+    from vtd_emu.tables import LegacyRootTable, PageAllocator, enable_translation
+    m = Machine(guest_ram=16 << 20)
+    dev = m.add_passthrough_device(SID)
+    alloc = PageAllocator(m.mem, base=0x10_0000, limit=0x40_0000)
+    rt = LegacyRootTable(m.mem, alloc)
+    rt.set_context(SID >> 8, SID & 0xFF, slptptr=0, aw=2, did=3, tt=2)          # TT=10b: pass-through
+    enable_translation(m, rt.root)
+    assert m.bridge.binds[(SID, 0)].kind == "parent" and dev.vfio.attached_hwpt() == m.parent_hwpt
+    assert dev.dma_write(0x80_0000, b"pt").ok and m.mem.read(0x80_0000, 2) == b"pt"
+    rt.set_context(SID >> 8, SID & 0xFF, slptptr=alloc.alloc(), aw=2, did=3, tt=0)
+    m.mmio_write(reg("CCMD"), 1 << 63 | 1 << 61, 8)                             # ICC, global
+    bind = m.bridge.binds[(SID, 0)]
+    assert bind.kind == "blocked" and bind.refused and dev.vfio.attached_hwpt() is None
+    assert dev.dma_write(0x80_0000, b"ss").faults == (FR.CONTEXT_ENTRY_INV,)
     m.close()

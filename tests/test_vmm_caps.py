@@ -28,6 +28,8 @@ CASES: list[tuple[dict[str, int], dict[str, Any], dict[str, Any], str]] = [
     ({"ecap.SRS": 0}, {}, {}, "SRS: vIOMMU 1, host 0"),
     ({"ecap.EAFS": 0}, {}, {}, "EAFS: vIOMMU 1, host 0"),
     ({"ecap.SC": 0}, {}, {}, "SC: vIOMMU 1, host 0"),
+    ({"ecap.PRS": 0}, {}, {"pri": True}, "PRS: vIOMMU 1, host 0"),
+    ({"ecap.DT": 0}, {}, {"ats": True}, "DT: vIOMMU 1, host 0"),
     ({"cap.MGAW": 47, "cap.SAGAW": 0b0110, "cap.FL5LP": 0}, {}, {}, "MGAW: vIOMMU 56, host 47"),
     ({}, {"preset": "modern", "overrides": {"ecap.NEST": 0, "ecap.RPS": 0}}, {}, "CM: vIOMMU 0, required 1"),
     ({}, {"preset": "modern", "overrides": {"cap.CM": 1, "ecap.RPS": 0}}, {}, "NEST: vIOMMU 1, required 0"),
@@ -49,6 +51,14 @@ def test_refused_combinations_name_the_field_and_both_values(host_over: dict[str
     # Refused at attach, as QEMU does: the device is not the guest's, nothing is left on the host.
     assert SID not in m.devices and m.host.devices[SID].dev_id is None
     assert [o.kind for o in m.objects()] == ["ioas"]
+    m.close()
+
+
+def test_device_dependent_rules_apply_only_to_such_devices() -> None:
+    # A host without PRS or DT backs the default vIOMMU for a device that has neither PRI nor ATS.
+    host = Host(VtdConfig.preset("modern", overrides={"ecap.PRS": 0, "ecap.DT": 0}))
+    m = Machine(host, guest_ram=4 << 20)
+    assert m.add_passthrough_device(SID).dma_write(0x1000, b"ok").ok
     m.close()
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import errno
 from typing import Any, Callable
 
-import pytest
-
 from vtd_emu.host import IommufdError
 from vtd_emu.spec.consts import FR
 from vtd_emu.tables import FirstStageTable, U, W

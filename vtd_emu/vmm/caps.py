@@ -10,6 +10,7 @@ of :data:`CHECKS` (documented in ``docs/vmm.md``).
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, NamedTuple
 
 from ..errors import ConfigError
@@ -31,10 +32,10 @@ class CapabilityError(ConfigError):
         super().__init__(f"{field}: vIOMMU {viommu}, {host_text} ({why})")
 
 
-DEFAULT_VIOMMU: dict[str, Any] = {
+DEFAULT_VIOMMU: Mapping[str, Any] = MappingProxyType({
     "preset": "modern",
-    "overrides": {"cap.CM": 1, "ecap.NEST": 0, "ecap.RPS": 0},
-}
+    "overrides": MappingProxyType({"cap.CM": 1, "ecap.NEST": 0, "ecap.RPS": 0}),
+})
 """The vIOMMU a :class:`~vtd_emu.vmm.Machine` builds by default: the ``modern`` unit with caching mode
 (required for passthrough devices, as QEMU requires it), without guest-visible nesting (a host of two
 stages cannot back a third) and without RID_PASID selection (requests without PASID always use PASID 0,
