@@ -40,6 +40,7 @@ import errno as errno_mod
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
+from ..memory import RecordingMemory
 from ..spec import specs
 from ..spec.consts import FR, IQA, IQT
 from ..vtd.access import NO_PASID
@@ -128,31 +129,6 @@ class _Entry:
         self.torn = False
 
 
-class WatchedMemory:
-    """Guest-physical memory for the guest's own writes (its driver, a trace's ``mem_write`` events):
-    reads go straight through; a write touching an entry in use is checked by the validator."""
-
-    def __init__(self, mem: Any, validator: "Validator") -> None:
-        self._mem = mem
-        self._v = validator
-        self.read = mem.read
-        self.read_u64 = mem.read_u64
-        self.is_ram = mem.is_ram
-
-    def write_u64(self, addr: int, value: int) -> bool:
-        v = self._v
-        if not v.touches(addr, 8):
-            return bool(self._mem.write_u64(addr, value))
-        return v.guarded_write(addr, 8, lambda: self._mem.write_u64(addr, value)) == 8
-
-    def write(self, addr: int, data: bytes | bytearray | memoryview) -> int:
-        v = self._v
-        n = len(data)
-        if not v.touches(addr, n):
-            return int(self._mem.write(addr, data))
-        return v.guarded_write(addr, n, lambda: self._mem.write(addr, data))
-
-
 class Validator:
     """Watches one machine's vSVA flows.  ``Validator(machine)`` attaches it (both sanitizers on, hooks
     installed); give the guest :attr:`mem` as its memory so that its table writes are checked; set
@@ -162,8 +138,8 @@ class Validator:
         self.m = machine
         self.reports: list[VsvaReport] = []
         self.event: int | None = None
-        self.mem = WatchedMemory(machine.mem, self)
-        """The guest memory to hand the guest (its writes are watched)."""
+        self.mem = RecordingMemory(machine.mem, self._guest_write, machine.size)
+        """The guest memory to hand the guest: guest-physical memory whose writes are watched."""
         v, host = machine.viommu, machine.host
         self._entries: dict[tuple[str, int, int], _Entry] = {}
         self._pages: set[int] = set()
@@ -298,10 +274,25 @@ class Validator:
         return ((half & v.addr_mask) + (devfn & 0x7F) * 32, 32) if half & 1 else None
 
     def touches(self, addr: int, n: int) -> bool:
+        """Whether a write of ``n`` bytes at ``addr`` reaches a page holding an entry in use."""
         if self._stale:
             self._refresh()
         pages = self._pages
-        return bool(pages) and (addr >> 12 in pages or (addr + n - 1) >> 12 in pages)
+        return bool(pages) and any(p in pages for p in range(addr >> 12, ((addr + max(n, 1) - 1) >> 12) + 1))
+
+    def _guest_write(self, addr: int, data: bytes, qword: bool) -> int:
+        """One write of the guest (:attr:`mem`): stored, and checked when it reaches an entry in use."""
+        mem = self.m.mem
+        n = len(data)
+
+        def store() -> int:
+            if qword:
+                return 8 if mem.write_u64(addr, int.from_bytes(data, "little")) else 0
+            return int(mem.write(addr, data))
+
+        if not self.touches(addr, n):
+            return store()
+        return self.guarded_write(addr, n, store)
 
     def guarded_write(self, addr: int, n: int, write: Callable[[], Any]) -> int:
         """Do the guest's write ``write`` of ``n`` bytes at ``addr``, checking the entries it changes."""
@@ -504,4 +495,4 @@ def _offset(name: str) -> int:
 _IQA_DW, _IQA_ADDR, _IQA_QS, _IQT_QT = IQA.DW, IQA.IQA, IQA.QS, IQT.QT
 _PASID_DID = specs().structure("pasid_entry").field("DID")
 
-__all__ = ["Validator", "VsvaReport", "WatchedMemory", "KINDS"]
+__all__ = ["Validator", "VsvaReport", "KINDS"]
