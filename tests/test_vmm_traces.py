@@ -243,3 +243,13 @@ def test_random_vsva_flows_replay_bit_for_bit_and_the_validator_matches_a_model(
     assert v.mismatches == []
     assert [(x.kind, x.event, x.sid, x.pasid) for x in v.reports] == [("stale-host", e, SID, PASID)
                                                                      for e in stale_events]
+
+
+def test_the_documented_vmm_config_builds_the_default_machine(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "trace-format.md").read_text()
+    block = doc.split("```yaml\nformat: vtd-trace/2\n", 1)[1].split("```", 1)[0]
+    p = write(tmp_path, "doc.yaml", "format: vtd-trace/2\n" + block + "events:\n- {op: vmm.plug, sid: 0x310}\n")
+    r = Replayer(load_trace(p)).run()
+    assert r.mismatches == [] and r.machine is not None
+    vm = r.machine.vmm
+    assert list(vm.devices) == [SID] and vm.cfg == Machine().cfg and vm.size == 16 << 20
