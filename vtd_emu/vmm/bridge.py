@@ -496,7 +496,8 @@ class Bridge:
             st.invalidate_entries += done
             st.failed_forwards += 1
             qi = self.machine.viommu.qi
-            if qi is not None:
+            # Only the queue reports errors: a register-based invalidation has nowhere to say it failed.
+            if qi is not None and qi.enabled:
                 qi.report_timeout(chunk[done].sid)
             i += done + 1
 
