@@ -8,7 +8,7 @@ from vtd_emu.tables import U, W
 from vtd_emu.vmm import BridgeAction, Machine
 from vtd_emu.vtd.qi import T_DEV_TLB, T_IOTLB, T_PASID_DEV_TLB, make_descriptor
 
-from vmm_helpers import RawGuest, iotlb_domain, pasid_cache, piotlb
+from vmm_helpers import ITE, RawGuest, iotlb_domain, pasid_cache, piotlb
 
 SID, SID2 = 0x0310, 0x0318
 GVA = 0x7F00_0000_0000
@@ -97,6 +97,18 @@ def test_register_based_invalidation_is_forwarded_at_once() -> None:
     (inv,) = invalidations(m, before)
     assert inv.args["hwpt"] == h1 and inv.args["entries"] == [FULL]
     assert inv.trigger.kind == "iotlb" and inv.trigger.slot is None and inv.trigger.action == m.guest_actions
+    # A failure there has nowhere to go but the log: no ITE now, none later once the queue is on.
+    from vtd_emu.host import IommufdError
+
+    def failing(hwpt: int, entries: object, **kw: object) -> int:
+        raise IommufdError(5, "injected", entry_num=0)
+
+    orig, m.vmm.hwpt_invalidate = m.vmm.hwpt_invalidate, failing  # type: ignore[method-assign]
+    m.mmio_write(iotlb, 1 << 63 | 2 << 60 | 5 << 32, 8)
+    m.vmm.hwpt_invalidate = orig  # type: ignore[method-assign]
+    assert m.bridge.stats.failed_forwards == 1 and m.bridge.actions[-1].errno == 5
+    g.enable_qi()
+    assert g.submit() and not g.fsts() & ITE
     m.close()
 
 

@@ -10,7 +10,7 @@ host IOMMU)."""
 from __future__ import annotations
 
 from vtd_emu.spec import specs
-from vtd_emu.spec.consts import FSTS, GCMD, IQA
+from vtd_emu.spec.consts import CAP, FSTS, GCMD, IQA
 from vtd_emu.tables import (PGTT_FS, FirstStageTable, PageAllocator, PasidTables, ScalableRootTable, enable_translation,
                             gcmd_set)
 from vtd_emu.vmm import Machine
@@ -41,9 +41,10 @@ class RawGuest:
         self.status = self.alloc.alloc()
         self.waits = 0
 
-    def device(self, sid: int, *, paside: bool = True, fpd: bool = False) -> PasidTables:
+    def device(self, sid: int, *, paside: bool = True, fpd: bool = False, pre: bool = False) -> PasidTables:
         pt = PasidTables(self.m.mem, self.alloc)
-        self.rt.set_context(sid >> 8, sid & 0xFF, pasid_dir=pt.dir, pdts=pt.pdts, paside=paside, fpd=fpd)
+        self.rt.set_context(sid >> 8, sid & 0xFF, pasid_dir=pt.dir, pdts=pt.pdts, paside=paside, fpd=fpd, pre=pre,
+                            dte=pre)
         self.pasids[sid] = pt
         return pt
 
@@ -94,6 +95,16 @@ class RawGuest:
 
     def clear_fsts(self, bits: int) -> None:
         self.m.mmio_write(FSTS_OFF, bits, 4)
+
+    def clear_faults(self) -> None:
+        """The guest's fault handler: clear every FRCD holding a fault (F is write-1-to-clear), then PFO."""
+        cap = self.m.mmio_read(reg("CAP"), 8)
+        fro = ((cap & CAP.FRO) >> CAP.FRO_LO) * 16
+        for i in range(((cap & CAP.NFR) >> CAP.NFR_LO) + 1):
+            hi = fro + 16 * i + 8
+            if self.m.mmio_read(hi, 8) >> 63:
+                self.m.mmio_write(hi, 1 << 63, 8)
+        self.m.mmio_write(FSTS_OFF, FSTS.PFO, 4)
 
     def set_te(self, on: bool) -> None:
         cur = self.m.mmio_read(reg("GSTS"), 4) & 0x96FF_FFFF

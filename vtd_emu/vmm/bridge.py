@@ -34,6 +34,9 @@ become invalidation entries of the nested HWPTs they cover.  ``coalesced`` colle
 the next invalidation wait (or the end of the queue batch, or at once for a register-based one) and
 sends one array per HWPT; ``one-per-call`` sends one entry per ioctl as each descriptor is executed (what
 QEMU does).  An entry the host fails aborts the guest's next wait with ITE (ITESID = the device).
+
+Page requests of PRI passthrough devices travel from the host's fault queue to the guest's page request
+queue and the guest's page group responses back (:meth:`Bridge.service_faults`).
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
-from ..host.uapi import (HWPT_ALLOC_PASID, U64_MAX, VTD_INV_FLAGS_LEAF, VTD_S1_EAFE, VTD_S1_SRE, VTD_S1_WPE,
-                         HwptVtdS1, VtdS1Invalidate)
+from ..host.iommufd import FaultFile
+from ..host.uapi import (HWPT_ALLOC_PASID, PAGE_RESP_INVALID, PAGE_RESP_SUCCESS, PGFAULT_FLAGS_LAST_PAGE,
+                         PGFAULT_FLAGS_PASID_VALID, PGFAULT_PERM_EXEC, PGFAULT_PERM_PRIV, PGFAULT_PERM_READ,
+                         PGFAULT_PERM_WRITE, PGFAULT_SIZE, U64_MAX, VTD_INV_FLAGS_LEAF, VTD_S1_EAFE, VTD_S1_SRE,
+                         VTD_S1_WPE, HwptVtdS1, PageFault, VtdS1Invalidate, page_response)
 from ..spec.consts import FR
 from ..vtd.access import NO_PASID
 from ..vtd.ats import ats_range
@@ -51,6 +57,7 @@ from ..vtd.descriptors import (ContextInvalidation, ControlEvent, DeviceTlbInval
                                InvalidationWait, IotlbInvalidation, PasidCacheInvalidation, PasidIotlbInvalidation,
                                QueueIdle, RootTableLatched, TranslationEnableChanged, UnitReset)
 from ..vtd.entries import FPD_SHIFT, PGTT_FS, PGTT_PT, TT_PT, LegacyContext, ScalableContext
+from ..vtd.prq import PageResponse
 from ..vtd.walk import F_EAFE, F_SRE, F_WPE
 from .devices import PassthroughDevice, guest_reason
 
@@ -72,7 +79,7 @@ class Trigger(NamedTuple):
     device plugs) when it happened."""
     kind: str
     """``context-cache``, ``pasid-cache``, ``iotlb``, ``pasid-iotlb``, ``device-tlb``, ``srtp``, ``te``,
-    ``wait``, ``queue-idle``, ``reset``, ``plug`` or ``close``."""
+    ``wait``, ``queue-idle``, ``reset``, ``plug``, ``close``, ``page-request`` or ``page-response``."""
     slot: int | None
     """The invalidation-queue slot of the descriptor, None for a register write or a machine action."""
     event: object | None
@@ -127,6 +134,9 @@ class Desired(NamedTuple):
     reason: int
     """For ``blocked``: the fault int a DMA meets (reason | FPD << FPD_SHIFT), 0 for none."""
     note: str
+    iopf: bool = False
+    """``nested`` for a PRI device whose guest context has PRE set (and a vIOMMU with PRS): the HWPT gets
+    the machine's fault queue, so the device's page requests reach the guest's page request queue."""
 
 
 @dataclass
@@ -149,6 +159,8 @@ class BindState:
     errno: int | None = None
     """The host's errno when the bind was refused."""
     note: str = ""
+    iopf: bool = False
+    """The nested HWPT has the machine's fault queue (page requests forwarded to the guest)."""
 
     @property
     def refused(self) -> bool:
@@ -174,6 +186,13 @@ class Bridge:
         self._pending: dict[int, list[_Pending]] = {}
         self._zombies: list[int] = []
         self._trigger = Trigger(0, "plug", None, None)
+        self.fault_id: int | None = None
+        self.fault_file: FaultFile | None = None
+        """The machine's fault queue (allocated with the first bind that forwards page requests)."""
+        self._unsent: list[tuple[int, int]] = []
+        """Responses the host refused to take: sent again at the next trigger."""
+        self._cookies: dict[tuple[int, int | None, int], int] = {}
+        """(guest sid, PASID, PRGI) of a page group the guest was asked about → the host's cookie."""
         machine.viommu.add_invalidation_observer(self._on_invalidation)
         machine.viommu.add_control_observer(self._on_control)
 
@@ -211,6 +230,10 @@ class Bridge:
         self._trigger = Trigger(self.machine.guest_actions, kind, slot, event)
         if self._zombies:
             self._reap()
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            for cookie, code in unsent:
+                self._respond(cookie, code)
 
     def _reap(self) -> None:
         zombies, self._zombies = self._zombies, []
@@ -317,7 +340,8 @@ class Bridge:
             flags = ((VTD_S1_SRE if pe.flags & F_SRE else 0) | (VTD_S1_WPE if pe.flags & F_WPE else 0)
                      | (VTD_S1_EAFE if pe.flags & F_EAFE else 0))
             s1 = HwptVtdS1(flags, pe.fsptptr, 48 + 9 * (pe.fs_levels - 4))
-            return Desired(KIND_NESTED, s1, pe.did, pe.fpd, 0, "first stage")
+            iopf = dev.pri and bool(ctx.pre) and v.prq is not None
+            return Desired(KIND_NESTED, s1, pe.did, pe.fpd, 0, "first stage", iopf)
         if pe.pgtt == PGTT_PT:
             return Desired(KIND_PARENT, None, pe.did, pe.fpd, 0, "pass-through")
         return Desired(KIND_BLOCKED, None, pe.did, pe.fpd, FR.SM_PASID_ENTRY_INV | pe.fpd << FPD_SHIFT,
@@ -372,18 +396,21 @@ class Bridge:
             self._block(dev, cur, d, None)
             return
         if d.kind == KIND_NESTED:
-            if cur.kind == KIND_NESTED and cur.s1 == d.s1 and cur.nested is not None and cur.attached == cur.nested:
+            if (cur.kind == KIND_NESTED and cur.s1 == d.s1 and cur.iopf == d.iopf and cur.nested is not None
+                    and cur.attached == cur.nested):
                 cur.did, cur.fpd = d.did, d.fpd
                 return
             assert d.s1 is not None and parent is not None
             s1 = d.s1
             vmm = self.machine.vmm
             try:
+                fault_id = self._fault_queue() if d.iopf else None
                 target = self.host_call("hwpt_alloc", {"dev_id": dev.dev_id, "pt_id": parent,
                                                        "flags": HWPT_ALLOC_PASID, "s1_flags": s1.flags,
                                                        "pgtbl_addr": s1.pgtbl_addr, "addr_width": s1.addr_width,
-                                                       "sid": dev.sid, "pasid": pasid},
-                                        lambda: vmm.hwpt_alloc(dev.dev_id, parent, HWPT_ALLOC_PASID, s1))
+                                                       "fault_id": fault_id, "sid": dev.sid, "pasid": pasid},
+                                        lambda: vmm.hwpt_alloc(dev.dev_id, parent, HWPT_ALLOC_PASID, s1,
+                                                               fault_id=fault_id))
             except OSError as e:
                 self._refuse(dev, cur, d, e)
                 return
@@ -406,7 +433,8 @@ class Bridge:
             return
         old = cur.nested
         nested = target if d.kind == KIND_NESTED else None
-        self.binds[key] = BindState(dev.sid, pasid, d.kind, target, nested, d.s1, d.did, d.fpd, 0, None, d.note)
+        self.binds[key] = BindState(dev.sid, pasid, d.kind, target, nested, d.s1, d.did, d.fpd, 0, None, d.note,
+                                    d.iopf and nested is not None)
         if nested is not None:
             self.stats.binds += 1
         if old is not None:
@@ -496,15 +524,83 @@ class Bridge:
             st.invalidate_entries += done
             st.failed_forwards += 1
             qi = self.machine.viommu.qi
-            if qi is not None:
+            # Only the queue reports errors: a register-based invalidation has nowhere to say it failed.
+            if qi is not None and qi.enabled:
                 qi.report_timeout(chunk[done].sid)
             i += done + 1
+
+    # -- page requests of passthrough devices ------------------------------------------------------
+    def _fault_queue(self) -> int:
+        if self.fault_id is None:
+            vmm = self.machine.vmm
+            files: list[FaultFile] = []
+
+            def alloc() -> int:
+                fault_id, file = vmm.fault_queue_alloc()
+                files.append(file)
+                return fault_id
+
+            self.fault_id = self.host_call("fault_queue_alloc", {}, alloc)
+            self.fault_file = files[0]
+        return self.fault_id
+
+    def service_faults(self) -> int:
+        """Read the host fault queue and hand each page request to the vIOMMU as the device's request to
+        the guest (its page request queue); returns the requests forwarded.  The guest's page group
+        response (or the vIOMMU's own, for a request it could not queue) goes back to the host."""
+        f = self.fault_file
+        if f is None or not f.poll():
+            return 0
+        self.begin("page-request")
+        by_dev = {d.dev_id: d for d in self._passthrough()}
+        try:
+            raw = self.host_call("read_faults", {}, lambda: f.read(PGFAULT_SIZE * 512))
+        except OSError:
+            return 0  # the groups stay queued in the host: the next wake-up reads them
+        records = PageFault.parse_all(raw)
+        for r in records:
+            dev = by_dev.get(r.dev_id)
+            pasid = r.pasid if r.flags & PGFAULT_FLAGS_PASID_VALID else None
+            last = bool(r.flags & PGFAULT_FLAGS_LAST_PAGE)
+            if dev is None:
+                if last:
+                    self._respond(r.cookie, PAGE_RESP_INVALID)
+                continue
+            if last:
+                # Before the request: a vIOMMU that cannot queue it answers at once.
+                self._cookies[(dev.sid, pasid, r.grpid)] = r.cookie
+            self.machine.viommu.page_request(dev.sid, r.addr, read=bool(r.perm & PGFAULT_PERM_READ),
+                                             write=bool(r.perm & PGFAULT_PERM_WRITE),
+                                             exe=bool(r.perm & PGFAULT_PERM_EXEC),
+                                             priv=bool(r.perm & PGFAULT_PERM_PRIV), pasid=pasid, last=last,
+                                             prgi=r.grpid)
+        return len(records)
+
+    def guest_response(self, dev: PassthroughDevice, resp: PageResponse) -> None:
+        """The guest (or the vIOMMU) answered a page group of ``dev``: answer the host's group."""
+        cookie = self._cookies.pop((dev.sid, resp.pasid, resp.prgi), None)
+        if cookie is None:
+            return
+        self.begin("page-response", resp, not resp.auto)
+        # The host takes SUCCESS or INVALID; a guest's Response Failure also ends the device's wait.
+        self._respond(cookie, PAGE_RESP_SUCCESS if resp.code == 0 else PAGE_RESP_INVALID)
+
+    def _respond(self, cookie: int, code: int) -> None:
+        f = self.fault_file
+        assert f is not None
+        if not self._try("page_response", {"cookie": cookie, "code": code},
+                         lambda: f.write(page_response(cookie, code))):
+            self._unsent.append((cookie, code))
 
     # -- devices -----------------------------------------------------------------------------------
     def plugged(self, dev: PassthroughDevice) -> None:
         """``dev`` was just attached (RID) to the nest parent: record it, and bind whatever the guest's
         tables already say for it (a device hot-plugged into a running guest)."""
         self.binds[(dev.sid, 0)] = BindState(dev.sid, 0, KIND_PARENT, self.machine.parent_hwpt, note="plugged")
+        if dev.pri:
+            # The device's side of PRI at the vIOMMU: where the guest's page group responses arrive.
+            ep = self.machine.viommu.attach_device(dev.sid, ats=False, pri=True)
+            ep.on_response = lambda resp: self.guest_response(dev, resp)
         self.reconcile(dev)
 
     def unplug(self, dev: PassthroughDevice) -> None:
@@ -518,6 +614,11 @@ class Bridge:
             if b.nested is not None:
                 self._destroy(b.nested)
         self._reap()
+
+    def close(self) -> None:
+        """Drop the fault queue's file (the iommufd's close frees the rest)."""
+        if self.fault_file is not None:
+            self.fault_file.close()
 
     def live_hwpts(self) -> set[int]:
         """The nested HWPTs the bridge holds (bound, or waiting to be destroyed again)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..host.device import VfioDevice
+from ..host.device import DmaOutcome, VfioDevice
 from ..spec.consts import FR
 from ..vtd.access import NO_PASID, READ, WRITE
 from ..vtd.ats import AtsDevice
@@ -60,10 +60,13 @@ class DeviceDma(NamedTuple):
     """The guest-visible fault reason of each faulting chunk (0: blocked without a guest fault record)."""
     unbacked: int
     """Chunks translated to a guest-physical address outside guest RAM (read as zeros, writes dropped)."""
+    pending: int = 0
+    """Chunks waiting for the guest to answer a page request (PRI passthrough devices): they complete
+    when the guest's page group response arrives (``PassthroughDevice.stalled`` until then)."""
 
     @property
     def ok(self) -> bool:
-        return not self.faults and not self.unbacked
+        return not self.faults and not self.unbacked and not self.pending
 
 
 def _chunks(addr: int, length: int) -> list[tuple[int, int, int]]:
@@ -173,12 +176,16 @@ class PassthroughDevice:
         out = bytearray(length if data is None else 0)
         faults: list[int] = []
         unbacked = 0
+        stalled: list[DmaOutcome] = []
         for pos, a, n in _chunks(addr, length):
             if data is None:
                 r = self.vfio.dma_read(a, n, pasid=host_pasid)
                 out[pos:pos + n] = r.data
             else:
                 r = self.vfio.dma_write(a, data[pos:pos + n], pasid=host_pasid)
+            if r.pending:
+                stalled.append(r)
+                continue
             if r.ok:
                 continue
             guest = bridge.guest_fault(self, pasid or 0, r.fault or 0)
@@ -189,7 +196,20 @@ class PassthroughDevice:
             faults.append(reason)
             if reason:
                 self.machine.viommu.report_fault(self.sid, ptag, a, req, guest)
-        return DeviceDma(bytes(out), tuple(faults), unbacked)
+        if stalled:
+            # The VMM's fault-queue reader wakes up: the requests go to the guest's page request queue.
+            bridge.service_faults()
+            for r in stalled:
+                if not r.pending and not r.ok:
+                    # Answered for the guest already (the vIOMMU could not queue the request, and recorded
+                    # why): the chunk failed.
+                    faults.append(0)
+        return DeviceDma(bytes(out), tuple(faults), unbacked, sum(r.pending for r in stalled))
+
+    @property
+    def stalled(self) -> list[DmaOutcome]:
+        """Host DMAs of this device waiting for a page group response (updated in place when it comes)."""
+        return self.vfio.stalled
 
 
 GuestDevice = EmulatedDevice | PassthroughDevice

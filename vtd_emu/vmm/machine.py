@@ -191,6 +191,7 @@ class Machine:
             if isinstance(dev, PassthroughDevice):
                 b.unplug(dev)
                 dev.vfio.unbind()
+        b.close()
         self.vmm.close()
 
     def __enter__(self) -> "Machine":
