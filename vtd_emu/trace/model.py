@@ -28,8 +28,9 @@ from ..errors import TraceError
 
 FORMAT = "vtd-trace/1"
 FORMAT2 = "vtd-trace/2"
-"""Version 2: version 1 plus vIOMMU machines (``config.vmm``, ``vmm.*`` events, ``bridge`` and ``unbacked``
-expectations); written only for traces that use them, so version-1 traces keep their bytes."""
+"""Version 2: version 1 plus vIOMMU machines (``config.vmm``, ``vmm.*`` events, ``bridge``, ``unbacked``,
+``pending``, ``host_regs_sha256`` and ``objects`` expectations); written only for traces that use them, so
+version-1 traces keep their bytes."""
 FORMATS = (FORMAT, FORMAT2)
 ORACLE_FORMAT = "vtd-oracle-scenario/1"
 
@@ -216,6 +217,13 @@ def _mem_ranges(v: Any) -> str | list[tuple[int, int]]:
     return out
 
 
+def _pasid_bits(v: Any) -> int:
+    n = _as_int(v, 5, "0..20 PASID bits")
+    if n > 20:
+        raise ValueError(f"expected 0..20 PASID bits, got {n}")
+    return n
+
+
 def _device_kind(v: Any) -> str:
     if v not in ("passthrough", "emulated"):
         raise ValueError(f"expected 'passthrough' (a host device assigned to the guest) or 'emulated', got {v!r}")
@@ -251,7 +259,7 @@ OPS: dict[str, dict[str, _Field]] = {
     "checkpoint": {"name": (_str, False, None), "mem": (_mem_ranges, False, "all"), "regs": (_bool, False, True)},
     "note": {"text": (_str, True, None)},
     "vmm.plug": {"sid": (_u16, True, None), "kind": (_device_kind, False, "passthrough"),
-                 "host_sid": (_u16, False, None), "pasid_bits": (lambda v: _as_int(v, 5, "0..20 PASID bits"), False, 20),
+                 "host_sid": (_u16, False, None), "pasid_bits": (_pasid_bits, False, 20),
                  "ats": (_bool, False, False), "pri": (_bool, False, False), "group": (_count, False, None)},
     "vmm.reset": {},
 }
@@ -281,14 +289,14 @@ HOST_METHODS = frozenset().union(*HOST_CALLS.values())
 
 # Expectation keys per op, beyond the generic ``regs`` and ``mem`` every event may carry.
 EXPECT_KEYS: dict[str, tuple[str, ...]] = {
-    "dma": ("faults", "addrs", "data", "unbacked"),
+    "dma": ("faults", "addrs", "data", "unbacked", "pending"),
     "mmio_read": ("value",),
     "mem_read": ("hex",),
     "page_request": ("status",),
     "checkpoint": ("mem_sha256", "regs_sha256", "faults", "interrupts", "host_regs_sha256", "objects"),
     "vmm.plug": ("errno",),
 }
-VMM_EXPECT = ("bridge", "unbacked", "host_regs_sha256", "objects")
+VMM_EXPECT = ("bridge", "unbacked", "pending", "host_regs_sha256", "objects")
 """Expectations only a vIOMMU machine answers (version 2)."""
 _GENERIC_EXPECT = ("regs", "mem", "mem_changes", "raises", "bridge")
 _HOST_EXPECT = ("result", "errno")
@@ -540,7 +548,8 @@ def _parse_vmm(doc: dict[str, Any], fail: Callable[[str, str], TraceError]) -> d
         raise fail("vmm", f"expected a mapping of {list(VMM_KEYS)}")
     others = sorted(k for k in doc if k not in ("vmm", "preset") and doc[k] not in (None, {}, []))
     if others or doc.get("preset") is not None:
-        raise fail("vmm", f"a vIOMMU machine is configured in config.vmm only; remove config.{(others or ['preset'])[0]}")
+        first = (others or ["preset"])[0]
+        raise fail("vmm", f"a vIOMMU machine is configured in config.vmm only; remove config.{first}")
     out: dict[str, Any] = {}
     for k, val in v.items():
         if k not in VMM_KEYS:
@@ -706,7 +715,7 @@ def _parse_expect(op: str, v: Any) -> dict[str, Any]:
                 out[k] = None if val is None else _count(val)
             elif k == "bridge":
                 out[k] = _bridge_expect(val)
-            elif k == "unbacked":
+            elif k in ("unbacked", "pending"):
                 out[k] = _count(val)
             elif k == "host_regs_sha256":
                 out[k] = _str(val)
@@ -1004,11 +1013,12 @@ def _check_version(trace: Trace, fmt: str) -> None:
         if isinstance(ev, DmaBlock):
             n += len(ev)
             continue
-        v2 = ev.op in VMM_OPS or bool(ev.expect and set(ev.expect) & set(VMM_EXPECT))
-        if v2 and not vmm:
+        used = sorted(set(ev.expect or ()) & set(VMM_EXPECT))
+        if (ev.op in VMM_OPS or used) and not vmm:
             what = f"format {FORMAT2} with config.vmm" if fmt == FORMAT2 else f"format {FORMAT2} (this file says {fmt})"
+            name = ev.op if ev.op in VMM_OPS else f"expect.{used[0]}"
             raise TraceError(trace.source, f"{ev.where or f'event {n}'} ({ev.op})",
-                             f"vIOMMU machine vocabulary ({ev.op if ev.op in VMM_OPS else 'expect.' + sorted(set(ev.expect or ()) & set(VMM_EXPECT))[0]}) needs {what}")
+                             f"vIOMMU machine vocabulary ({name}) needs {what}")
         n += 1
     if vmm and fmt == FORMAT:
         raise TraceError(trace.source, "config.vmm", f"a vIOMMU machine needs format: {FORMAT2} (this file says {fmt})")
@@ -1182,7 +1192,8 @@ def _header(doc: Any, file: str, where: str) -> tuple[TraceConfig, str, str, str
     fmt = doc.get("format")
     if fmt not in FORMATS:
         if isinstance(fmt, str) and fmt.startswith("vtd-trace/"):
-            raise TraceError(file, where, f"format {fmt!r} is not supported; this version reads {' and '.join(FORMATS)}")
+            readable = " and ".join(FORMATS)
+            raise TraceError(file, where, f"format {fmt!r} is not supported; this version reads {readable}")
         raise TraceError(file, where, f"expected format: {FORMAT}, got {fmt!r}")
     name = doc.get("name", "")
     desc = doc.get("description", "")
@@ -1578,7 +1589,8 @@ def canonical_events(trace: Trace) -> list[dict[str, Any]]:
     return [event_to_dict(ev) for ev in trace.iter_events()]
 
 
-__all__ = ["FORMAT", "FORMAT2", "FORMATS", "VMM_OPS", "VMM_EXPECT", "ORACLE_FORMAT", "Event", "DmaBlock", "Trace", "TraceConfig", "OPS", "EXPECT_KEYS", "HOST_CALLS",
+__all__ = ["FORMAT", "FORMAT2", "FORMATS", "VMM_OPS", "VMM_EXPECT", "ORACLE_FORMAT", "Event", "DmaBlock", "Trace",
+           "TraceConfig", "OPS", "EXPECT_KEYS", "HOST_CALLS",
            "parse_event", "parse_config", "event_to_dict", "expect_to_dict", "config_to_dict", "block_from_events",
            "blockify", "load_trace", "check_references", "save_trace", "detect_kind", "kind_from_name",
            "canonical_events", "dump_yaml"]

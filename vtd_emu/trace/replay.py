@@ -646,8 +646,9 @@ class Replayer:
         where = f"{ev.where or f'event {i}'} (dma)"
         dev = self.vm.devices.get(f["sid"])
         if dev is None:
-            raise TraceError(self.file, f"{where} field 'sid'", f"the guest has no device at {f['sid']:#06x}; plugged "
-                                                                f"(vmm.plug): {[hex(s) for s in sorted(self.vm.devices)]}")
+            plugged = [hex(s) for s in sorted(self.vm.devices)]
+            raise TraceError(self.file, f"{where} field 'sid'",
+                             f"the guest has no device at {f['sid']:#06x}; plugged (vmm.plug): {plugged}")
         if f.get("priv"):
             raise TraceError(self.file, f"{where} field 'priv'", "guest devices send unprivileged requests only")
         st = self.stats
@@ -661,7 +662,7 @@ class Replayer:
             raise TraceError(self.file, f"{where} field 'pasid'", str(exc)) from None
         for r in out.faults:
             st.faults[r] += 1
-        obs: dict[str, Any] = {"faults": list(out.faults), "unbacked": out.unbacked}
+        obs: dict[str, Any] = {"faults": list(out.faults), "unbacked": out.unbacked, "pending": out.pending}
         if payload is None:
             obs["data"] = out.data
             if i in self._keep_reads:
@@ -1029,7 +1030,7 @@ the ``bridge`` expectation (``[]`` when it made none)."""
 
 # Expectations ``record`` fills for every event of an op.
 _RECORDED: dict[str, tuple[str, ...]] = {
-    "dma": ("faults", "addrs", "data", "unbacked"),
+    "dma": ("faults", "addrs", "data", "unbacked", "pending"),
     "mmio_read": ("value",),
     "mem_read": ("hex",),
     "page_request": ("status",),

@@ -312,8 +312,8 @@ class Validator:
                                  f"present {e.kind} entry at {e.addr:#x} rewritten in place by more than one write "
                                  "(P stayed 1): clear P, invalidate, then rewrite")
             if e.dirty is None:
-                e.dirty = (f"{e.kind} entry at {e.addr:#x} changed at "
-                           + (f"event {self.event}" if self.event is not None else f"guest action {self.m.guest_actions}"))
+                at = f"event {self.event}" if self.event is not None else f"guest action {self.m.guest_actions}"
+                e.dirty = f"{e.kind} entry at {e.addr:#x} changed at {at}"
             if e.kind == _PASID and old[0] & 1:
                 for did in e.dids:
                     self._needs_pasid_scope.add((did, e.pasid))
@@ -471,7 +471,8 @@ class Validator:
             if ctx.kind == CTX_LEGACY:
                 continue
             # The bridge's enumeration of present PASID entries reads only sid and pasid_bits.
-            pasids = [pasid] if pasid is not None else sorted(self.m.bridge._guest_pasids(dev) | {0})  # type: ignore[arg-type]
+            present = self.m.bridge._guest_pasids(dev)  # type: ignore[arg-type]
+            pasids = [pasid] if pasid is not None else sorted(present | {0})
             for p in pasids:
                 pe = v.load_pasid(ctx.pasid_dir, ctx.pdts, ctx.fpd, p)  # type: ignore[union-attr]
                 if isinstance(pe, int) and pe & REASON_MASK in _RSVD_REASONS:
