@@ -101,10 +101,13 @@ def test_a_remap_without_piotlb_is_a_stale_host_translation_with_both_answers() 
     (rep,) = val.reports
     assert (rep.kind, rep.sid, rep.pasid, rep.cached, rep.fresh) == ("stale-host", SID, PASID, old_hpa, new_hpa)
     assert rep.action == m.guest_actions and rep.event is None
-    # The guest's driver log can name the step: the next finding carries it.
-    val.event = len(drv.log)
+    # With the driver's log, a finding names the driver's last action; an explicit event wins.
+    val.log = drv.log
     m.devices[SID].dma_read(GVA + 0x10, 4, pasid=PASID)
-    assert val.reports[-1].event == len(drv.log) and val.reports[-1].kind == "stale-host"
+    assert val.reports[-1].event == len(drv.log) - 1 and val.reports[-1].kind == "stale-host"
+    val.event = 1234
+    m.devices[SID].dma_read(GVA + 0x10, 4, pasid=PASID)
+    assert val.reports[-1].event == 1234
     m.close()
 
 
@@ -177,6 +180,7 @@ def test_the_same_change_followed_by_the_invalidation_is_not_a_finding() -> None
 
 def test_an_in_place_rewrite_by_two_stores_is_a_torn_update_once() -> None:
     m, val, drv, fs, did = bound()
+    val.log = drv.log
     other = FirstStageTable(val.mem, drv.alloc, levels=4)
     other.map(GVA, NEW, PAGE, R | W | U)
     addr = entry_addr(drv, SID, PASID)
@@ -188,8 +192,10 @@ def test_an_in_place_rewrite_by_two_stores_is_a_torn_update_once() -> None:
     value = lay.field("PGSNP").put(value, 1)
     val.mem.write_u64(addr + 8, value >> 64 & (1 << 64) - 1)
     val.mem.write_u64(addr + 24, 0)   # unchanged bytes: not a third store that changes anything
+    n_log = len(drv.log)
     drv.qi_submit([drv.invalidate_pasid_cache(1, did, PASID), drv.invalidate_piotlb(2, did, PASID)])
     assert kinds(val) == [("torn-update", SID, PASID)]
+    assert val.reports[0].event == n_log - 1    # found at the second store, before the driver's next action
     # The Linux way (clear P, invalidate, rewrite) is not torn.
     drv.unbind_pasid(SID, PASID)
     drv.bind_pasid(SID, PASID, fs.root)

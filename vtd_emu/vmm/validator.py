@@ -75,7 +75,8 @@ class VsvaReport(NamedTuple):
     action: int
     """The machine's ``guest_actions`` count when it was found (the guest action that caused it)."""
     event: int | None
-    """The trace event number (replay) or GuestDriver log index (live runs that set it), else None."""
+    """The trace event number (replay), or the index in a GuestDriver's log of the driver action that
+    caused it (:attr:`Validator.log`), else None."""
     sid: int | None
     """The guest requester id concerned."""
     pasid: int | None
@@ -132,12 +133,16 @@ class _Entry:
 class Validator:
     """Watches one machine's vSVA flows.  ``Validator(machine)`` attaches it (both sanitizers on, hooks
     installed); give the guest :attr:`mem` as its memory so that its table writes are checked; set
-    :attr:`event` to name the current step (replay does, with the event number)."""
+    :attr:`event` to name the current step (replay does, with the event number), or :attr:`log` to a
+    guest driver's log."""
 
     def __init__(self, machine: "Machine") -> None:
         self.m = machine
         self.reports: list[VsvaReport] = []
         self.event: int | None = None
+        self.log: list[Any] | None = None
+        """A :class:`~vtd_emu.vmm.GuestDriver`'s ``log``: while :attr:`event` is None, reports name the index
+        of its last entry (the driver action that caused them)."""
         self.mem = RecordingMemory(machine.mem, self._guest_write, machine.size)
         """The guest memory to hand the guest: guest-physical memory whose writes are watched."""
         v, host = machine.viommu, machine.host
@@ -171,7 +176,10 @@ class Validator:
     # -- reports -----------------------------------------------------------------------------------
     def _report(self, kind: str, sid: int | None, pasid: int | None, details: str, cached: int | None = None,
                 fresh: int | None = None) -> None:
-        self.reports.append(VsvaReport(kind, self.m.guest_actions, self.event, sid, pasid, details, cached, fresh))
+        event = self.event
+        if event is None and self.log:
+            event = len(self.log) - 1
+        self.reports.append(VsvaReport(kind, self.m.guest_actions, event, sid, pasid, details, cached, fresh))
 
     def summary(self) -> str:
         """One line per report, then the count by kind (or a line saying the flow was clean)."""
