@@ -798,6 +798,9 @@ def render_batched(rows: list[BatchRow], replay: ReplayRow | None) -> list[str]:
 
 VMM_SID, VMM_SID2 = 0x0310, 0x0318
 VMM_GVA = 0x7F00_0000_0000
+VMM_DATA = 0x90_0000
+"""Guest-physical base of the pages the guest's first-stage tables map (the tables live below)."""
+VMM_RAM = 16 << 20
 
 
 class _QueueGuest:
@@ -852,7 +855,7 @@ class VmmRow:
 def _vmm_machine(mode: str, sids: tuple[int, ...], ats: bool = False) -> "tuple[Machine, _QueueGuest]":
     from vtd_emu.vmm import Machine
 
-    m = Machine(guest_ram=32 << 20, forwarding=mode)
+    m = Machine(guest_ram=VMM_RAM, forwarding=mode)
     for sid in sids:
         m.add_passthrough_device(sid, ats=ats)
     return m, _QueueGuest(m, sids)
@@ -869,7 +872,7 @@ def measure_vmm_bind(n: int, reps: int) -> VmmRow:
     for _ in range(reps):
         m, g = _vmm_machine("coalesced", (VMM_SID, VMM_SID2))
         fs = FirstStageTable(m.mem, g.alloc)
-        fs.map(VMM_GVA, 0x100_0000, 0x1000, W | U)
+        fs.map(VMM_GVA, VMM_DATA, 0x1000, W | U)
         for k in range(1, n + 1):
             g.pasids[VMM_SID].set_entry(k, pgtt=PGTT_FS, did=3, fsptptr=fs.root)
         dev, other = m.devices[VMM_SID], m.devices[VMM_SID2]
@@ -908,13 +911,13 @@ def measure_vmm_forwarding(batch: int, batches: int, reps: int) -> VmmRow:
     for _ in range(reps):
         for mode, rates in (("coalesced", row.coalesced), ("one-per-call", row.one_per_call), (None, row.baseline)):
             if mode is None:
-                m = Machine(guest_ram=32 << 20)
+                m = Machine(guest_ram=VMM_RAM)
                 m.add_emulated_device(VMM_SID)
                 g = _QueueGuest(m, (VMM_SID,))
             else:
                 m, g = _vmm_machine(mode, (VMM_SID,))
             fs = FirstStageTable(m.mem, g.alloc)
-            fs.map(VMM_GVA, 0x100_0000, batch * 0x1000, W | U)
+            fs.map(VMM_GVA, VMM_DATA, batch * 0x1000, W | U)
             g.pasids[VMM_SID].set_entry(1, pgtt=PGTT_FS, did=3, fsptptr=fs.root)
             g.submit([make_descriptor(T_PASID_CACHE, G=1, DID=3, PASID=1)])
             st = m.bridge.stats
@@ -944,7 +947,7 @@ def measure_vmm_storm(unmaps: int, per_wait: int, reps: int) -> VmmRow:
         for mode, rates in (("coalesced", row.coalesced), ("one-per-call", row.one_per_call)):
             m, g = _vmm_machine(mode, (VMM_SID, VMM_SID2), ats=True)
             fs = FirstStageTable(m.mem, g.alloc)
-            fs.map(VMM_GVA, 0x100_0000, unmaps * 0x1000, W | U)
+            fs.map(VMM_GVA, VMM_DATA, unmaps * 0x1000, W | U)
             for sid in (VMM_SID, VMM_SID2):
                 g.pasids[sid].set_entry(1, pgtt=PGTT_FS, did=3, fsptptr=fs.root)
             g.submit([make_descriptor(T_PASID_CACHE, G=1, DID=3, PASID=1)])
@@ -979,8 +982,8 @@ def measure_vmm(quick: bool, reps: int) -> list[VmmRow]:
     n = 10 if quick else 200
     return [measure_vmm_bind(n, reps),
             measure_vmm_forwarding(16, 4 if quick else 100, reps),
-            measure_vmm_storm(32 if quick else 512, 1, reps),
-            measure_vmm_storm(32 if quick else 512, 16, reps)]
+            measure_vmm_storm(16 if quick else 512, 1, reps),
+            measure_vmm_storm(16 if quick else 512, 16, reps)]
 
 
 def render_vmm(rows: list[VmmRow]) -> list[str]:
@@ -1006,7 +1009,7 @@ def render_vmm(rows: list[VmmRow]) -> list[str]:
                 w(f"| {r.title} | {mode} | {c['descriptors']:,.0f} | {c['ioctls']:,.0f} | {c['entries']:,.0f} | "
                   f"{c['ioctls_per_descriptor']:.3f} |")
         w("")
-    w("- Machine: `vtd_emu.vmm.Machine` (guest RAM 32 MiB, default vIOMMU) on `Host(\"modern\")`; the guest "
+    w("- Machine: `vtd_emu.vmm.Machine` (guest RAM 16 MiB, default vIOMMU) on `Host(\"modern\")`; the guest "
       "side writes scalable tables into guest RAM and drives a 256-bit invalidation queue through MMIO, each "
       "batch of descriptors followed by a status-writing wait whose status the bench checks.")
     w("- Bind: per PASID, the guest writes the PASID entry (first stage) beforehand; the timed part is the "
