@@ -6,8 +6,8 @@ Off by default and free when off: nothing of it exists until :class:`Validator` 
 ``xlate``, the machine's ``mmio_write``) and observers; a machine without one runs the plain paths.
 
 Each finding is a :class:`VsvaReport` naming the guest action that caused it (the machine's
-``guest_actions`` count, and the trace event number or :class:`~vtd_emu.vmm.GuestDriver` log index
-when the driver of the run says so through :attr:`Validator.event`):
+``guest_actions`` count, and the trace event number, :attr:`Validator.event`, or the index in a
+:class:`~vtd_emu.vmm.GuestDriver`'s log, :attr:`Validator.log`):
 
 =======================  ==================================================================================
 kind                     when
