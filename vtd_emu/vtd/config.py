@@ -44,6 +44,8 @@ class Quirks:
     fault_fi_full_address: bool = False
     qemu_qi_registers: bool = False
     qemu_qi_descriptors: bool = False
+    rtaddr_smt_bit: bool = False
+    sm_root_rsvd_both_halves: bool = False
 
 
 @lru_cache(maxsize=None)

@@ -105,7 +105,10 @@ class StructureDecoder(ChipState):
         half = hi if devfn >= 128 else lo
         if not half & 1:
             return _SM_ROOT_ENTRY_P
-        if half & self.sroot_rsvd[1 if devfn >= 128 else 0]:
+        if self.sroot_rsvd_both:
+            if lo & self.sroot_rsvd[0] or hi & self.sroot_rsvd[1]:
+                return _SM_ROOT_ENTRY_RSVD
+        elif half & self.sroot_rsvd[1 if devfn >= 128 else 0]:
             return _SM_ROOT_ENTRY_RSVD
         ca = (half & self.addr_mask) + (devfn & 0x7F) * 32
         qs = tuple(rd(ca + 8 * i) for i in range(4))

@@ -67,8 +67,8 @@ class RegisterFile:
         if not self._register_implemented(reg.name):
             # Registers of features the unit lacks read as zero and ignore writes.
             rw = rw1c = wo = ro = 0
-        elif reg.name == "RTADDR" and not self.cfg.scalable:
-            rw &= ~reg.field("TTM").mask
+        # RTADDR.TTM stays read/write on every unit (as in QEMU): what an unsupported mode does is decided
+        # when SRTP latches it (control.py).
         if self.cfg.quirks.qemu_register_widths:
             # QEMU keeps 32 bits of IEDATA and no upper MSI address.
             if reg.name == "IEDATA":

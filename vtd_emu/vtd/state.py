@@ -97,6 +97,7 @@ class ChipState:
         self.lctx: dict[str, Field] = {n: lc.field(n) for n in ("P", "FPD", "TT", "SLPTPTR", "AW", "DID")}
         sr, sc = sp.structure("sm_root_entry"), sp.structure("sm_context_entry")
         self.sroot_rsvd: tuple[int, ...] = sr.qword_masks(sr.reserved_mask(frozenset(), haw))
+        self.sroot_rsvd_both = q.sm_root_rsvd_both_halves
         sc_feat = {n for n in ("RPS", "RPRIVS") if cfg.ecap_field(n)}
         if q.qemu_reserved_bits:
             # QEMU checks only context-lo bits 8:5, bits above the host width, and context-hi above RID_PASID.
