@@ -132,3 +132,36 @@ def test_sm_root_entry_reserved_bits(upper: bool, bit: int) -> None:
             io.mmio_write(FSTS, 0x7F, 4)
 
 
+# -- x-buggy-eim and dma-translation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options,ecap_or_error", [
+    ({"eim": "on"}, "eim=on requires accel=kvm,kernel-irqchip=split"),
+    ({"eim": "on", "intremap": "off"}, "eim=on cannot be selected without intremap=on"),
+    ({"eim": "on", "buggy_eim": True, "intremap": "off"}, "eim=on cannot be selected without intremap=on"),
+    ({"eim": "on", "buggy_eim": True}, 0xF00F5A),
+    ({"buggy_eim": True}, 0xF00F5A),
+    ({"eim": "off", "buggy_eim": True}, 0xF00F4A),
+    ({"buggy_eim": True, "intremap": "off"}, 0xF42),
+])
+def test_qemu72_eim(options: dict, ecap_or_error: int | str) -> None:
+    # ECAPs and messages as live QEMU 7.2 gave them (tests/data/qemu-sweeps/fidelity.jsonl, options.jsonl).
+    if isinstance(ecap_or_error, str):
+        with pytest.raises(ConfigError, match=ecap_or_error):
+            qemu72_config(options)
+    else:
+        assert qemu72_config(options).ecap == ecap_or_error
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_dma_translation_off_ignores_te(profile: str) -> None:
+    io, ram, alloc = unit({"dma_translation": False}, profile)
+    assert io.cfg.cap_field("SAGAW") == 0
+    root, _ = _legacy(io, ram, alloc)
+    _latch(io, root, 0)
+    assert io.mmio_read(GSTS_OFF, 4) == GSTS.RTPS      # QEMU: 0x40000000, TE never sets
+    t = io.translate(A, 0x1010, "w")
+    assert t.addr == 0x1010 and t.kind == "untranslated"
+    assert io.translate(A, 0x7F_F000, "w").addr == 0x7F_F000 and io.mmio_read(FSTS, 4) == 0
+
+

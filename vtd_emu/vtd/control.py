@@ -53,7 +53,7 @@ class RegisterControl(ChipState):
         regs = self.regs
         gsts = regs.get("GSTS")
         changed = (value ^ gsts) & _PERSISTENT
-        if changed & TE:
+        if changed & TE and self.cfg.dma_translation:
             self._set_te(bool(value & TE))
         if value & SRTP:
             self._latch_root()
