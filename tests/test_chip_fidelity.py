@@ -209,3 +209,17 @@ def test_psi_elsewhere_keeps_a_large_page(profile: str) -> None:
     assert io.translate(A, 0x20_0000, "w").addr == old
 
 
+# -- wrongly sized register writes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("off", [FECTL, 0xA0, 0xA8])   # FECTL, IECTL, IEADDR: QEMU 7.2 asserts
+def test_an_8_byte_write_over_32_bit_registers_is_two_4_byte_writes(profile: str, off: int) -> None:
+    value = 0x1234_5678_8000_0000 | (0xFFC if off == 0xA8 else 0)
+    wide, _, _ = unit({}, profile)
+    split, _, _ = unit({}, profile)
+    wide.mmio_write(off, value, 8)
+    split.mmio_write(off, value & 0xFFFF_FFFF, 4)
+    split.mmio_write(off + 4, value >> 32, 4)
+    assert wide.register_dump() == split.register_dump()
+    assert wide.mmio_read(FSTS, 4) == 0   # no invalidation queue error: nothing to do with the queue
