@@ -111,7 +111,10 @@ class ChipState:
                                                                "RID_PASID", "RID_PRIV")}
         pd, pe = sp.structure("pasid_dir_entry"), sp.structure("pasid_entry")
         self.pdir_rsvd = 0 if q.qemu_reserved_bits else pd.reserved_mask(frozenset(), haw)
-        self.pdir_ptr = pd.field("SMPTBLPTR").mask & ((1 << haw) - 1)
+        # QEMU neither checks nor drops PASID-directory and PASID-entry pointer bits above the host width:
+        # a table there is read (and fails) at the full address.
+        self.pdir_ptr = pd.field("SMPTBLPTR").mask & (-1 if q.qemu_reserved_bits else (1 << haw) - 1)
+        self.ssptptr_mask = (1 << 64) - (1 << 12) if q.qemu_reserved_bits else ADDR_MASK & ((1 << haw) - 1)
         self.pe_rsvd = (0,) * 8 if q.qemu_reserved_bits else pe.qword_masks(pe.reserved_mask(frozenset(), haw))
         self.pe: dict[str, Field] = {n: pe.field(n) for n in ("FPD", "AW", "SSEE", "PGTT", "SSADE", "SSPTPTR", "DID",
                                                               "SRE", "ERE", "FSPM", "WPE", "NXE", "SMEP", "EAFE",
