@@ -13,8 +13,9 @@ Families (every generator is deterministic: string seeds, no clock):
   two random values, every write read back at its size (and the rest of the register file in ``final``);
 * ``options``: every ``-device intel-iommu,help`` property of QEMU 7.2 alone (each value) and every pair of
   non-default values, with the register file at reset and a short DMA + queued-invalidation scenario;
-* ``structures``: for each in-memory structure a valid setup, then each bit set alone (written, the caches
-  invalidated, a DMA or a descriptor, the fault record read and cleared, the bit restored).
+* ``structures``: for each in-memory structure a valid setup, then each bit flipped alone (written, the
+  caches invalidated, a DMA read, the fault record read and cleared, the bit restored, the bytes read
+  written back), and each bit of each invalidation descriptor type (queued with a wait descriptor).
 
     python scripts/qemu_sweeps.py --family registers    # record into tests/data/qemu-sweeps/registers.jsonl.gz
     python scripts/qemu_sweeps.py --family options --list       # ids only, no QEMU
@@ -43,7 +44,7 @@ from qemu_harness import FORMAT, QemuRunner, ScenarioMMIO, ScenarioRAM  # noqa: 
 from vtd_emu.spec.consts import FRCD, GCMD  # noqa: E402
 from vtd_emu.spec.loader import specs  # noqa: E402
 from vtd_emu.tables import (PAGE_2M, PAGE_4K, PGTT_SS, LegacyRootTable, PageAllocator, PasidTables, R,  # noqa: E402
-                            ScalableRootTable, SecondStageTable, W, enable_translation)
+                            ScalableRootTable, SecondStageTable, W, enable_translation, gcmd_set)
 from vtd_emu.vtd.config import qemu72_config  # noqa: E402
 from vtd_emu.vtd.qi import T_WAIT, make_descriptor  # noqa: E402
 
@@ -113,10 +114,9 @@ class Scn:
         self.w(FSTS_OFF, 0x7F, 4)
 
     def gcmd(self, bit: int) -> None:
-        """Set one GCMD bit the way a driver does (GSTS & 0x96FFFFFF | bit)."""
-        self.r(GSTS_OFF, 4)
-        self.w(GCMD_OFF, bit, 4)
-        self.r(GSTS_OFF, 4)
+        """Set one GCMD bit the way a driver does (GSTS & 0x96FFFFFF | bit, GSTS as the builders' register
+        shadow has it, see ``ScenarioMMIO``)."""
+        gcmd_set(self.mmio, bit)
 
     def doc(self) -> dict[str, Any]:
         return {"format": FORMAT, "id": self.id, "family": f"sweep-{self.family}", "description": self.description,
@@ -440,6 +440,53 @@ def gen_structures() -> Iterator[dict[str, Any]]:
         else:
             addr, nq, iova = ss.entry_addr(HUGE_2M[0], 2), 1, HUGE_2M[0] + 8
         _bit_sweep(s, [(name, addr, nq)], dev, iova)
+        yield s.doc()
+    yield from gen_descriptors()
+
+
+DESCRIPTOR_BASES: dict[str, tuple[int, dict[str, int]]] = {
+    "context": (1, {"G": 1}), "iotlb": (2, {"G": 2, "DID": 1}), "dev_tlb": (3, {"SID": 0x10, "ADDR": 0x1000}),
+    "iec": (4, {"G": 0}), "wait": (5, {"SW": 1, "STATUS_DATA": 0x5EED, "STATUS_ADDR": STATUS + 0x100}),
+    "pasid_iotlb": (6, {"G": 2, "DID": 1, "PASID": 1}), "pasid_cache": (7, {"G": 1, "DID": 1, "PASID": 1}),
+}
+"""Valid 128-bit descriptors of each type QEMU 7.2 decodes (make_descriptor field values).  Flipping a type bit
+can turn one into a wait descriptor whose IF and SW are bits 5:4 of the original: QEMU aborts on both set,
+so no base has 11 there."""
+ICS_OFF = 0x9C
+
+
+def gen_descriptors() -> Iterator[dict[str, Any]]:
+    """Each bit of each descriptor type flipped alone in a valid descriptor, queued with a wait
+    descriptor behind it; FSTS, IQH and ICS read; then the slot rewritten valid, the errors cleared and IQT
+    written again (QEMU resumes on that write, the spec when IQE clears)."""
+    for name, (t, fields) in DESCRIPTOR_BASES.items():
+        s = Scn(f"struct_desc_{name}", "structures",
+                f"each bit of a valid {name} descriptor flipped alone, then a wait descriptor", {})
+        s.w(IQT_OFF, 0, 8)
+        s.w(IQA_OFF, QUEUE, 8)
+        s.gcmd(GCMD.QIE)
+        base = make_descriptor(t, **fields)
+        valid = make_descriptor(2, G=1)
+        # QEMU aborts on a wait with SW and IF both set: that bit last, the scenario ends there.
+        bits = [b for b in range(128) if not (t == 5 and b == 4)] + ([4] if t == 5 else [])
+        slot = 0
+        for n, b in enumerate(bits):
+            desc = (base[0] ^ (1 << b if b < 64 else 0), base[1] ^ (1 << (b - 64) if b >= 64 else 0))
+            wait = make_descriptor(T_WAIT, SW=1, STATUS_DATA=n + 1, STATUS_ADDR=STATUS)
+            for k, (lo, hi) in enumerate((desc, wait)):
+                s.ram.write(QUEUE + 16 * ((slot + k) % 256), lo.to_bytes(8, "little") + hi.to_bytes(8, "little"))
+            tail = (slot + 2) % 256
+            s.w(IQT_OFF, tail * 16, 8)
+            s.r(FSTS_OFF, 4)
+            s.r(0x80, 8)
+            s.r(ICS_OFF, 4)
+            s.ram.write(QUEUE + 16 * slot, valid[0].to_bytes(8, "little") + valid[1].to_bytes(8, "little"))
+            s.w(FSTS_OFF, 0x70, 4)
+            s.w(ICS_OFF, 1, 4)
+            s.w(IQT_OFF, tail * 16, 8)
+            s.r(FSTS_OFF, 4)
+            s.r(0x80, 8)
+            slot = tail
         yield s.doc()
 
 
