@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import sys
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,7 @@ def sweeps() -> ModuleType:
     spec = importlib.util.spec_from_file_location("qemu_sweeps", REPO / "scripts" / "qemu_sweeps.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their annotations through it
     spec.loader.exec_module(mod)
     return mod
 
@@ -95,7 +97,8 @@ def test_sweeps_cover_what_the_issue_asks() -> None:
     _, st_docs = corpus("structures")
     for kind in ("legacy_root_entry", "legacy_context_entry", "ss_l4_table", "ss_l3_1g_leaf", "ss_l2_2m_leaf",
                  "ss_l1_4k_leaf", "sm_root_entry_lower", "sm_root_entry_upper", "sm_context_entry", "pasid_dir_entry",
-                 "_pasid_entry"):
+                 "_pasid_entry", "desc_context", "desc_iotlb", "desc_dev_tlb", "desc_iec", "desc_wait", "desc_pasid_iotlb",
+                 "desc_pasid_cache"):
         assert any(d["id"].endswith(kind) for d in st_docs), kind
 
 
