@@ -280,6 +280,7 @@ def _attribution_tool() -> Any:
     return mod
 
 
+@pytest.mark.slow   # ~10 s of CPU: 28 replays of every scenario the spec profile gets wrong
 @pytest.mark.skipif(not SCENARIOS, reason="shared/qemu-oracle not available")
 def test_every_spec_profile_mismatch_is_attributed_to_a_quirk() -> None:
     tool = _attribution_tool()
