@@ -27,6 +27,7 @@ from ..spec.consts import IQA as IQA_BITS
 from ..spec.consts import IQT as IQT_BITS
 from ..spec.loader import specs
 from ..vtd.config import VtdConfig, qemu72_config
+from ..vtd.intremap import IrFault
 from ..vtd.iommu import DROPPED, INTR_HI, INTR_LO, VtdIommu
 from ..vtd.batch import SKIPPED, BatchEngine, run_block
 from ..vtd.qi import TYPE_NAMES
@@ -191,6 +192,12 @@ class ReplayStats:
     cache: dict[str, int] = field(default_factory=dict)
     invalidations: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    log_iotlb: Counter[str] = field(default_factory=Counter)
+    """DMAs whose ``walks`` expectation says whether the logged run hit its IOTLB or walked: ``qemu_hit``,
+    ``qemu_walk``, and what this unit did on them, ``hit``/``walk`` (``hit_where_walked`` and
+    ``walk_where_hit`` count the differences)."""
+    interrupts: Counter[str] = field(default_factory=Counter)
+    """Interrupt requests (``msi`` events) by outcome: ``remapped``, ``passthrough``, ``blocked``."""
 
     def hit_rates(self) -> dict[str, float | None]:
         c = self.cache
@@ -214,7 +221,9 @@ class ReplayStats:
                 "page_requests": dict(self.page_requests), "checkpoints": self.checkpoints,
                 "host_calls": self.host_calls, "batched_chunks": self.batched_chunks,
                 "scalar_chunks": self.scalar_chunks, "cache": dict(self.cache), "hit_rates": self.hit_rates(),
-                "invalidations": dict(self.invalidations), "seconds": round(self.seconds, 6)}
+                "invalidations": dict(self.invalidations), "seconds": round(self.seconds, 6),
+                **({"iotlb_vs_log": dict(self.log_iotlb)} if self.log_iotlb else {}),
+                **({"interrupt_requests": dict(self.interrupts)} if self.interrupts else {})}
 
     def merge(self, o: "ReplayStats") -> None:
         for k in ("events", "dmas", "dma_bytes", "chunks", "dropped", "untranslated", "mmio_reads", "mmio_writes",
@@ -224,6 +233,8 @@ class ReplayStats:
         self.faults.update(o.faults)
         self.qi_descriptors.update(o.qi_descriptors)
         self.page_requests.update(o.page_requests)
+        self.log_iotlb.update(o.log_iotlb)
+        self.interrupts.update(o.interrupts)
         for k, v in o.cache.items():
             self.cache[k] = self.cache.get(k, 0) + v
         for k, v in o.invalidations.items():
@@ -536,14 +547,38 @@ class Replayer:
             if payload is None:
                 raise TraceError(self.file, f"{ev.where or f'event {i}'} (dma) field 'data_from'",
                                  f"event {f['data_from']} has not run as a read DMA before this one")
+        exp = ev.expect
+        want_walks = exp is not None and "walks" in exp
+        if want_walks:
+            cstats = self.io.caches.stats
+            w0 = cstats.walks
         data, faults, addrs = self.dma(f["sid"], f.get("pasid"), f["iova"], f["len"], f["dir"] == "write",
                                        f.get("priv", False), payload)
         obs: dict[str, Any] = {"faults": faults, "addrs": addrs}
+        if want_walks:
+            obs["walks"] = walks = cstats.walks - w0
+            self._count_walks(exp["walks"], walks)  # type: ignore[index]
         if data is not None:
             obs["data"] = data
             if i in self._keep_reads:
                 self._read_data[i] = data
         return obs
+
+    def _count_walks(self, expected: int, actual: int) -> None:
+        c = self.stats.log_iotlb
+        c["qemu_walk" if expected else "qemu_hit"] += 1
+        c["walk" if actual else "hit"] += 1
+        if bool(expected) != bool(actual):
+            c["hit_where_walked" if expected else "walk_where_hit"] += 1
+
+    def _msi(self, ev: Event) -> dict[str, Any]:
+        f = ev.fields
+        r = self.io.remap_interrupt(f["sid"], f["addr"], f["data"])
+        if isinstance(r, IrFault):
+            self.stats.interrupts["blocked"] += 1
+            return {"msi_addr": None, "msi_data": None, "ir_fault": r.reason}
+        self.stats.interrupts[r.source] += 1
+        return {"msi_addr": r.addr, "msi_data": r.data, "ir_fault": None}
 
     def dma(self, sid: int, pasid: int | None, iova: int, length: int, write: bool, priv: bool,
             data: bytes | None) -> tuple[bytes | None, list[int], list[int | None]]:
@@ -864,6 +899,7 @@ _HANDLERS: dict[str, Callable[[Replayer, Event], dict[str, Any]]] = {
     "page_response": Replayer._page_response,
     "checkpoint": Replayer._checkpoint,
     "note": Replayer._note,
+    "msi": Replayer._msi,
 }
 
 # Expectations ``record`` fills for every event of an op.
@@ -873,6 +909,7 @@ _RECORDED: dict[str, tuple[str, ...]] = {
     "mem_read": ("hex",),
     "page_request": ("status",),
     "checkpoint": ("mem_sha256", "regs_sha256", "faults", "interrupts"),
+    "msi": ("msi_addr", "msi_data", "ir_fault"),
 }
 
 
