@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,6 +48,7 @@ _WIDTHS: dict[str, dict[str, int]] = {
     "vtd_ir_remap_msi": {"addr": 64, "data": 32, "addr2": 64, "data2": 64},
     "vtd_inv_desc_wait_sw": {"addr": 64},
 }
+_LIMITS = {name: tuple((k, 1 << bits) for k, bits in w.items()) for name, w in _WIDTHS.items()}
 _INV_DETAIL = {"vtd_inv_desc_cc_domain", "vtd_inv_desc_cc_global", "vtd_inv_desc_cc_device",
                "vtd_inv_desc_cc_devices", "vtd_inv_desc_iotlb_global", "vtd_inv_desc_iotlb_domain",
                "vtd_inv_desc_iotlb_pages", "vtd_inv_desc_iotlb_pasid_pages", "vtd_inv_desc_iotlb_pasid",
@@ -89,6 +91,7 @@ class _Converter:
         # vtd_ir_remap_msi_req not yet answered: [addr, data, irte (lo, hi) or None]
         self.msi: list[Any] | None = None
         self.s = LogSummary()
+        self.unused: Counter[str] = Counter()     # events of _CONVERTED that turned out to change nothing
 
     # -- output ------------------------------------------------------------------------------------
     def take(self) -> list[Event]:
@@ -158,33 +161,28 @@ class _Converter:
         self.ready.extend(ins)
         self.pending_desc.clear()
 
-    def _bad(self, ev: LogEvent, what: str) -> TraceError:
-        return TraceError(self.file, f"line {ev.line}", f"{ev.name}: {what}")
-
-    def _validate(self, ev: LogEvent) -> None:
-        a = ev.args
-        for k, bits in _WIDTHS.get(ev.name, {}).items():
-            v = a[k]
-            if v < 0 or v >> bits:
-                raise self._bad(ev, f"{k} {v:#x} does not fit: expected a {bits}-bit value")
-        if ev.name in ("vtd_reg_write", "vtd_reg_read") and a["size"] not in (1, 2, 4, 8):
-            raise self._bad(ev, f"size {a['size']:#x}: expected an access size of 1, 2, 4 or 8 bytes")
-        if ev.name == "vtd_reg_write" and a["val"] >> (8 * a["size"]):
-            raise self._bad(ev, f"value {a['val']:#x} does not fit a {a['size']}-byte access")
-        if ev.name == "vtd_frr_new" and a["index"] >= self.frcd_count:
-            raise self._bad(ev, f"index {a['index']}: expected 0..{self.frcd_count - 1} (this unit has "
-                                f"{self.frcd_count} fault recording registers)")
+    def _bad(self, line: int, name: str, what: str) -> TraceError:
+        return TraceError(self.file, f"line {line}", f"{name}: {what}")
 
     # -- events --------------------------------------------------------------------------------------
+    def check(self, line: int, name: str, a: dict[str, Any]) -> None:
+        """What replay would refuse, refused naming the line (the parser calls this once per distinct text)."""
+        for k, limit in _LIMITS.get(name, ()):
+            if not 0 <= a[k] < limit:
+                raise self._bad(line, name, f"{k} {a[k]:#x} does not fit: expected a {limit.bit_length() - 1}-bit "
+                                            "value")
+        if name in ("vtd_reg_write", "vtd_reg_read") and a["size"] not in (1, 2, 4, 8):
+            raise self._bad(line, name, f"size {a['size']:#x}: expected an access size of 1, 2, 4 or 8 bytes")
+        if name == "vtd_reg_write" and a["val"] >> (8 * a["size"]):
+            raise self._bad(line, name, f"value {a['val']:#x} does not fit a {a['size']}-byte access")
+        if name == "vtd_frr_new" and a["index"] >= self.frcd_count:
+            raise self._bad(line, name, f"index {a['index']}: expected 0..{self.frcd_count - 1} (this unit has "
+                                        f"{self.frcd_count} fault recording registers)")
+
     def feed(self, ev: LogEvent) -> None:
+        """One event of :data:`_CONVERTED`, its fields already :meth:`check`\ ed."""
         name = ev.name
-        s = self.s
-        if name not in _CONVERTED:
-            s.informational[name] += 1
-            return
-        self._validate(ev)
         a = ev.args
-        s.converted[name] += 1
         if name == "vtd_iotlb_page_hit" or name == "vtd_iotlb_page_update":
             self.leaf = (a["sid"], a["addr"], a["slpte"], name == "vtd_iotlb_page_update", a["domain"])
             return
@@ -278,16 +276,14 @@ class _Converter:
                 # An interrupt request QEMU blocked: the record is its answer (FR in the record's high qword).
                 target = self._msi_done(None, ev.line, (a["hi"] & _FRCD_FR_HI) >> _FRCD_FR_SHIFT)
             if target is None:
-                s.converted[name] -= 1
-                s.informational[name] += 1
+                self.unused[name] += 1
                 return
             off = self.frcd_base + 16 * a["index"]
             self._expect_reg(target, off, a["lo"], _U64)
             # QEMU prints the record before it sets F (bit 127 of the FRCD), which it always does next.
             self._expect_reg(target, off + 8, a["hi"] | _FRCD_F, _U64)
             return
-        s.converted[name] -= 1
-        s.informational[name] += 1
+        self.unused[name] += 1
 
     def _translate(self, a: dict[str, Any], line: int) -> None:
         sid = a["bus"] << 8 | a["slot"] << 3 | a["func"]
@@ -450,7 +446,7 @@ class _Import:
         feed = conv.feed
         n = 0
         with open_log(self.path) as fh:
-            for ev in iter_log(fh, str(self.path), s, _CONVERTED):
+            for ev in iter_log(fh, str(self.path), s, _CONVERTED, conv.check):
                 feed(ev)
                 if conv.ready:
                     yield from conv.take()
@@ -460,6 +456,12 @@ class _Import:
                         progress(s.lines)
         conv.finish()
         yield from conv.take()
+        for name, k in s.events.items():
+            used = k - conv.unused[name] if name in _CONVERTED else 0
+            if used:
+                s.converted[name] += used
+            if k - used:
+                s.informational[name] += k - used
         if not s.events:
             raise TraceError(str(self.path), "", f"no VT-d trace line in {s.lines} line(s): expected QEMU -trace "
                                                  "'vtd_*' output such as 'PID@SEC.USEC:vtd_reg_write addr 0x20 "

@@ -13,8 +13,8 @@ match its format is an error naming the line.
 
 :func:`iter_log` is a generator over any iterable of lines (:func:`open_log` gives one for a plain or
 zstd-compressed file), so a log of any size is parsed in constant memory.  Only the events a caller asks
-arguments for (``args_for``) have their fields converted to ints; the others are still matched against
-their format (a malformed line is an error wherever it is), which is all their counting needs.
+for (``args_for``) are yielded, with their fields as ints; the others are still matched against their
+format (a malformed line is an error wherever it is) and counted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from ...errors import TraceError
 
@@ -155,12 +155,13 @@ _LINE_101 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _TRACE_PREFIXES = ("vtd_", "x86_iommu_")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_MEMO = 256
 
 
 @dataclass(slots=True)
 class LogEvent:
-    """One known trace event: its line number, name, fields (ints for hex/decimal fields; empty when the
-    parse was not asked for them) and the line's timestamp text (``stamp``; None without timestamps)."""
+    """One known trace event: its line number, name, fields (ints for hex/decimal fields; shared between
+    events of the same text, so read-only) and the line's timestamp text (``stamp``; None without one)."""
 
     line: int
     name: str
@@ -234,11 +235,17 @@ def open_log(path: str | Path) -> IO[str]:
 
 
 def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | None = None,
-             args_for: frozenset[str] | None = None) -> Iterator[LogEvent]:
+             args_for: frozenset[str] | None = None,
+             check: Callable[[int, str, dict[str, Any]], None] | None = None) -> Iterator[LogEvent]:
     """Every known trace event of ``lines``, in order; ``summary`` (if given) counts what was met.
-    ``args_for``: the events whose fields are converted (None: all)."""
+    ``args_for``: the events wanted (None: all); the others are checked and counted in ``summary.events``
+    only.  ``check(line, name, fields)`` is called once for each distinct text of a wanted event (it
+    raises to refuse one)."""
     s = summary if summary is not None else LogSummary()
     parsers, empty = _PARSERS, _EMPTY
+    # Lines repeat (the same interrupt, the same cached context, the same page hit): a text seen recently
+    # has already been matched and converted, so its fields are reused (never mutated by consumers).
+    memo: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in parsers}
     head72 = _HEAD_72.match
     styles = s.styles
     events = s.events
@@ -247,7 +254,8 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
         for n, raw in enumerate(lines, 1):
             line = raw.rstrip("\r\n")
             head, sep, rest = line.partition(":")
-            if sep and "@" in head and head72(head):
+            # PID@SEC.USEC before the first colon (cheap test first: the regex only confirms candidates).
+            if sep and "@" in head and head[:1].isdigit() and head72(head):
                 name, _, body = rest.partition(" ")
                 style = "7.2"
                 stamp: str | None = head
@@ -272,16 +280,25 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
                 continue
             s.trace_lines += 1
             styles[style] += 1
-            mm = p[0].match(body.rstrip(" ") if name in empty else body)
-            if mm is None:
-                raise TraceError(file, f"line {n}", f"{name}: expected text like {EVENTS[name][0]!r}, got {body!r}")
             events[name] += 1
+            seen = memo[name]
+            args = seen.get(body)
+            if args is None:
+                mm = p[0].match(body.rstrip(" ") if name in empty else body)
+                if mm is None:
+                    raise TraceError(file, f"line {n}", f"{name}: expected text like {EVENTS[name][0]!r}, "
+                                                        f"got {body!r}")
+                args = {}
+                if args_for is None or name in args_for:
+                    for (k, base), v in zip(p[1], mm.groups()):
+                        args[k] = int(v, base) if base else v
+                    if check is not None:
+                        check(n, name, args)
+                if len(seen) >= _MEMO:
+                    seen.clear()
+                seen[body] = args
             if args_for is not None and name not in args_for:
-                yield LogEvent(n, name, {}, stamp)
                 continue
-            args: dict[str, Any] = {}
-            for (k, base), v in zip(p[1], mm.groups()):
-                args[k] = int(v, base) if base else v
             yield LogEvent(n, name, args, stamp)
     finally:
         s.lines += n

@@ -263,13 +263,14 @@ class Reconstructor:
 
     def _free_pages(self) -> Iterator[int]:
         """Pages no snapshot qword points at, from the top of memory down (zero-ness is checked on use)."""
+        # Memory without a stated size: the first 4 GiB (what any unit's address width reaches).
+        top = min(self.mem.size or 1 << 32, 1 << 32) >> 12
+        pointed = np.zeros(top, bool)
         rows = self.mem.page_rows()
-        pointed: set[int] = set()
         if rows:
             pool = self.mem.u64_pool()[np.fromiter(rows.values(), np.int64, len(rows))]
             # Anything with a low permission/present bit set may be an entry: its address page is taken.
             vals = pool[(pool & np.uint64(3)) != 0]
-            pointed = set((np.unique(vals & np.uint64(0x000F_FFFF_FFFF_F000)) >> np.uint64(12)).tolist())
-        # Memory without a stated size: the first 4 GiB (what any unit's address width reaches).
-        top = min(self.mem.size or 1 << 32, 1 << 32) >> 12
-        return (p for p in range(top - 1, 0, -1) if p not in pointed)
+            pfns = (vals & np.uint64(0x000F_FFFF_FFFF_F000)) >> np.uint64(12)
+            pointed[pfns[pfns < top].astype(np.int64)] = True
+        return (p for p in range(top - 1, 0, -1) if not pointed[p])
