@@ -180,7 +180,7 @@ class _Converter:
                                         f"{self.frcd_count} fault recording registers)")
 
     def feed(self, ev: LogEvent) -> None:
-        """One event of :data:`_CONVERTED`, its fields already :meth:`check`\ ed."""
+        """One event of :data:`_CONVERTED`, its fields already passed :meth:`check`."""
         name = ev.name
         a = ev.args
         if name == "vtd_iotlb_page_hit" or name == "vtd_iotlb_page_update":
