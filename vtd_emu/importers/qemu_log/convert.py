@@ -453,7 +453,7 @@ class _Import:
                 if progress is not None:
                     n += 1
                     if not n & (PROGRESS_LINES - 1):
-                        progress(s.lines)
+                        progress(ev.line)
         conv.finish()
         yield from conv.take()
         for name, k in s.events.items():
