@@ -66,6 +66,7 @@ Progress = Callable[[int], None]
 """Called with the number of log lines read so far."""
 PROGRESS_LINES = 1 << 16
 _HOLD_LIMIT = 4096
+_MAX_NOTES = 20
 """QEMU prints the descriptors a register write made it fetch right after that write (other threads may
 interleave a few lines): after this many events the write is no longer held for them."""
 
@@ -297,7 +298,8 @@ class _Converter:
             expect = {"faults": [], "addrs": [gpa | (iova & mask)], "walks": int(walked)}
             shift = (mask + 1).bit_length() - 1
             if walked and mask == (1 << shift) - 1 and shift >= 12 and (shift - 12) % 9 == 0:
-                if not self.rec.leaf(sid, iova, shift, leaf, lf[4]):
+                if not self.rec.leaf(sid, iova, shift, leaf, lf[4]) and len(self.s.notes) < _MAX_NOTES:
+                    # The first few are named; reconstruction["unreconstructed"] counts them all.
                     self.s.notes.append(f"log line {line}: the tables could not be rebuilt to reach the leaf "
                                         f"{leaf:#x} QEMU read for sid {sid:#x} iova {iova:#x}")
                 self._memory_writes(f"log line {line}")

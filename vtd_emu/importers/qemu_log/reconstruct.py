@@ -59,6 +59,7 @@ _SM_UP_SHIFT = SM_ROOT_ENTRY.UP_LO - 64     # the upper half's present bit, with
 _IRTE_SVT, _IRTE_SID = IRTE.SVT, IRTE.SID
 _SVT_LO, _SID_LO = IRTE.SVT_LO, IRTE.SID_LO
 _U64 = (1 << 64) - 1
+_PLACE_LIMIT = 1 << 32   # fresh tables go below 4 GiB (what any unit's address width reaches)
 _MAX_FIXES = 16          # more than any walk has structures: a walk that needs more cannot be steered
 
 
@@ -76,7 +77,10 @@ class Reconstructor:
         # (sid, leaf level, iova above the leaf table) -> base of the leaf table a verified walk ended in.
         self.paths: dict[tuple[int, int, int], int] = {}
         self.upper: set[int] = set()        # pages holding the entries those paths rest on
-        self.used: set[int] = set()         # pages the log showed in use (never given to a fresh table)
+        # Pages the log showed in use (never given to a fresh table), one byte per page of the memory fresh
+        # tables may go to: bounded by the guest's memory, not by the log.
+        self._top = min(ram.size or _PLACE_LIMIT, _PLACE_LIMIT) >> 12
+        self.used = bytearray(self._top)
         self.irta: int | None = None
         self.out: list[tuple[int, int]] = []
         self._free: Iterator[int] | None = None
@@ -92,13 +96,13 @@ class Reconstructor:
         io.mmio_write(_RTADDR_OFF, addr | (int(scalable) << RTADDR.TTM_LO), 8)
         io.mmio_write(_GCMD_OFF, GCMD.SRTP, 4)
         io.mmio_write(_GCMD_OFF, GCMD.TE, 4)
-        self.used.add(addr >> 12)
+        self._use(addr >> 12)
         self._forget_paths()
 
     def set_irta(self, addr: int) -> None:
         """The interrupt-remapping table's base (``vtd_reg_ir_root``)."""
         self.irta = addr & ~0xFFF
-        self.used.add(self.irta >> 12)
+        self._use(self.irta >> 12)
 
     def context(self, sid: int, lo: int, hi: int) -> None:
         """The (first 128 bits of the) context entry QEMU read or had cached for ``sid``."""
@@ -108,7 +112,13 @@ class Reconstructor:
 
     def note_use(self, addr: int) -> None:
         """A page the guest or QEMU used at this point (a DMA target, a queue, a status address)."""
-        self.used.add(addr >> 12)
+        page = addr >> 12
+        if page < self._top:
+            self.used[page] = 1
+
+    def _use(self, page: int) -> None:
+        if page < self._top:
+            self.used[page] = 1
 
     def note_write(self, addr: int, qwords: list[int]) -> None:
         """A write the importer emits for its own reasons (invalidation descriptors): the model follows."""
@@ -241,7 +251,8 @@ class Reconstructor:
         if emit:
             self.out.append((addr, value))
         page = addr >> 12
-        self.used.add(page)
+        if page < self._top:
+            self.used[page] = 1
         if page in self.upper:
             self._forget_paths()
 
@@ -254,17 +265,16 @@ class Reconstructor:
             self._free = self._free_pages()
         rd = self.mem.read_u64
         for pfn in self._free:
-            if pfn in self.used or any(rd((pfn << 12) + 8 * k) for k in range(512)):
+            if self.used[pfn] or any(rd((pfn << 12) + 8 * k) for k in range(512)):
                 continue
-            self.used.add(pfn)
+            self.used[pfn] = 1
             return pfn << 12
         raise TraceError("<ram>", "", "no unused page left in guest memory to place a table the log needs "
                                       "(give a larger --ram-size)")
 
     def _free_pages(self) -> Iterator[int]:
         """Pages no snapshot qword points at, from the top of memory down (zero-ness is checked on use)."""
-        # Memory without a stated size: the first 4 GiB (what any unit's address width reaches).
-        top = min(self.mem.size or 1 << 32, 1 << 32) >> 12
+        top = self._top
         pointed = np.zeros(top, bool)
         rows = self.mem.page_rows()
         if rows:
