@@ -1325,6 +1325,10 @@ def event_line(ev: Event) -> str:
     return json.dumps(event_to_dict(ev), separators=(",", ":"))
 
 
+JSONL_BUFFER_LINES = 4096
+"""Lines :func:`write_jsonl` gathers before each write."""
+
+
 def write_jsonl(path: str | Path, config: TraceConfig, events: Iterable[Event], name: str = "",
                 description: str = "") -> int:
     """Write a JSON Lines trace from an event stream (constant memory: nothing is held); the number of
@@ -1341,7 +1345,7 @@ def write_jsonl(path: str | Path, config: TraceConfig, events: Iterable[Event], 
         buf: list[str] = []
         for ev in events:
             buf.append(event_line(ev))
-            if len(buf) >= 4096:
+            if len(buf) >= JSONL_BUFFER_LINES:
                 fh.write("\n".join(buf) + "\n")
                 n += len(buf)
                 buf.clear()

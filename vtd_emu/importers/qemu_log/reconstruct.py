@@ -84,14 +84,12 @@ class Reconstructor:
         self.irta: int | None = None
         self.out: list[tuple[int, int]] = []
         self._free: Iterator[int] | None = None
-        self._scalable = False
         self._lctx = specs().structure("legacy_context_entry")
         self._aw = max(0, cfg.cap_field("SAGAW").bit_length() - 1)   # AW of the deepest supported table
 
     # -- what the log sets up ------------------------------------------------------------------------
     def set_root(self, addr: int, scalable: bool) -> None:
         """The root table QEMU latched (``vtd_reg_dmar_root``); the model walks from it with translation on."""
-        self._scalable = scalable
         io = self.shadow
         io.mmio_write(_RTADDR_OFF, addr | (int(scalable) << RTADDR.TTM_LO), 8)
         io.mmio_write(_GCMD_OFF, GCMD.SRTP, 4)
