@@ -68,21 +68,21 @@ def _facts_of_trace(trace_events: list[Event]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
     pytest.importorskip("zstandard")
     out = tmp_path_factory.mktemp("linux") / "run.jsonl"
     n, summary, _ = import_log_to(LOG, out, ram=RAM)
-    res = Replayer(load_trace(out), profile="qemu-7.2", sanitize=True).run()
-    return out, summary, res
+    trace = load_trace(out)
+    res = Replayer(trace, profile="qemu-7.2", sanitize=True).run()
+    return trace, summary, res
 
 
 @need_capture
 @pytest.mark.slow
-def test_the_whole_run_replays_with_every_translation_and_interrupt_checked(real_run: tuple[Path, Any, Any]) -> None:
-    out, summary, res = real_run
+def test_the_whole_run_replays_with_every_translation_and_interrupt_checked(real_run: tuple[Any, Any, Any]) -> None:
+    trace, summary, res = real_run
     with open_log(LOG) as fh:
         facts = _log_facts(fh.readlines())
-    trace = load_trace(out)
     mine = _facts_of_trace(list(trace.iter_events()))
     # every translation and remapped interrupt of the log is an event, with what QEMU answered
     assert len(facts["dmas"]) == summary.events["vtd_dmar_translate"] > 40_000
@@ -106,11 +106,13 @@ def test_the_whole_run_replays_with_every_translation_and_interrupt_checked(real
 
 
 @need_capture
-def test_the_spec_profile_hits_where_qemu_walked(real_run: tuple[Path, Any, Any]) -> None:
+@pytest.mark.slow
+def test_the_spec_profile_hits_where_qemu_walked(real_run: tuple[Any, Any, Any]) -> None:
     """The same run under the spec profile: translations agree, but the caches are not QEMU's, and the
-    walks check says where (each difference is a hit where QEMU walked, never the reverse)."""
-    out, _, _ = real_run
-    res = Replayer(load_trace(out), profile="spec").run()
+    walks check says where (each difference is a hit where QEMU walked, never the reverse: QEMU 7.2's
+    page-selective invalidation drops more than the range asked, docs/qemu-import.md)."""
+    trace, _, _ = real_run
+    res = Replayer(trace, profile="spec").run()
     whats = Counter(m.what for m in res.mismatches)
     assert set(whats) <= {"walks"}
     c = res.stats.log_iotlb
@@ -340,7 +342,7 @@ def test_zstd_logs_read_directly_and_import_streams_in_bounded_memory(tmp_path: 
     # already, so what could still grow with the log is the rest.
     monkeypatch.setattr(parse, "_MEMO", 16)
     monkeypatch.setattr(model, "JSONL_BUFFER_LINES", 64)
-    small, big = _churn_log(250), _churn_log(2000)
+    small, big = _churn_log(120), _churn_log(960)
     peaks = []
     for name, text in (("small", small), ("big", big)):
         p = tmp_path / f"{name}.log.zst"
@@ -357,7 +359,7 @@ def test_zstd_logs_read_directly_and_import_streams_in_bounded_memory(tmp_path: 
     ta, _ = import_log(plain, ram_size=256 << 20)
     assert canonical_events(ta) == canonical_events(load_trace(tmp_path / "small.jsonl"))
     res = Replayer(load_trace(tmp_path / "big.jsonl")).run()
-    assert res.mismatches == [] and res.stats.log_iotlb["walk"] == 2000 == res.stats.log_iotlb["hit"]
+    assert res.mismatches == [] and res.stats.log_iotlb["walk"] == 960 == res.stats.log_iotlb["hit"]
 
 
 def test_iter_log_yields_only_what_is_asked_and_still_checks_the_rest() -> None:
@@ -370,3 +372,23 @@ def test_iter_log_yields_only_what_is_asked_and_still_checks_the_rest() -> None:
     with pytest.raises(TraceError) as ei:
         list(iter_log(w.lines + ["1@2.3:vtd_inv_qi_head read head x"], "x.log", None, frozenset()))
     assert ei.value.where == f"line {len(w.lines) + 1}"
+
+
+def test_cli_streams_a_zst_log_and_replay_reports_the_walk_check(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``import-qemu LOG.zst -o X.jsonl --progress`` then ``replay --check --json``: the summary carries
+    QEMU's and our hits and walks, and the interrupt outcomes."""
+    import json
+
+    from vtd_emu.cli import main
+
+    zstandard = pytest.importorskip("zstandard")
+    log = tmp_path / "g.log.zst"
+    log.write_bytes(zstandard.ZstdCompressor().compress(_churn_log(40).encode()))
+    out = tmp_path / "g.jsonl"
+    assert main(["import-qemu", str(log), "-o", str(out), "--ram-size", str(64 << 20), "--progress"]) == 0
+    cap = capsys.readouterr()
+    assert "reconstruction  " in cap.out and "leaves_written 40" in cap.out and "import " in cap.err
+    assert main(["replay", "--check", "--json", "--profile", "qemu-7.2", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["stats"]["iotlb_vs_log"] == {"qemu_walk": 40, "qemu_hit": 40, "walk": 40, "hit": 40}
