@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 # Every shipped trace: our own (YAML, JSON Lines, binary), the QEMU-log import, the QEMU 7.2 scenarios.
 run: $(STAMP)
-	$(BIN)/vtd-emu replay --check traces/*.yaml traces/*.jsonl traces/*.npz traces/qemu-import/*.yaml traces/qemu-7.2/*.jsonl
+	$(BIN)/vtd-emu replay --check traces/*.yaml traces/*.jsonl traces/*.npz traces/qemu-import/*.yaml traces/qemu-import/*.npz traces/qemu-7.2/*.jsonl
 
 # tests/test_qemu_live.py needs QEMU 7.2 (Debian 12's qemu-system-x86) and skips without it.  As root in CI
 # (CI set) or with VTD_EMU_INSTALL_QEMU=1, try to install it first: best effort, never failing the build
