@@ -220,9 +220,12 @@ class Caches:
             if e.kind in (KIND_FS, KIND_NESTED):
                 return True
             if bits is not None:
-                # QEMU 7.2: page numbers compared through an 8-bit mask (over-invalidation).
+                # QEMU 7.2 (vtd_hash_remove_by_page): page numbers compared through an 8-bit mask
+                # (over-invalidation), or the invalidated address falls inside the entry's own page
+                # (a 2 MiB or 1 GiB entry hit anywhere but at its start).
                 mask = ((1 << bits) - 1) & ~((1 << am) - 1) if am < bits else 0
-                return ((e.iova >> 12) & mask) == ((addr >> 12) & mask)
+                return (((e.iova >> 12) & mask) == ((addr >> 12) & mask)
+                        or e.iova == addr & ~((1 << e.shift) - 1))
             return e.iova < hi and e.iova + (1 << e.shift) > lo
 
         self._kill_where(hit)

@@ -44,6 +44,8 @@ class Quirks:
     fault_fi_full_address: bool = False
     qemu_qi_registers: bool = False
     qemu_qi_descriptors: bool = False
+    rtaddr_smt_bit: bool = False
+    sm_root_rsvd_both_halves: bool = False
 
 
 @lru_cache(maxsize=None)
@@ -136,6 +138,9 @@ class VtdConfig:
     psc_size: int = 4096
     fault_collapse: bool = False
     """Spec: hardware *may* collapse faults of one source while its record is pending.  Off by default."""
+    dma_translation: bool = True
+    """False: an interrupt-remapping-only unit (QEMU's ``dma-translation=off``): GCMD.TE is ignored, so TES
+    never sets and DMA is never translated."""
     name: str = "custom"
 
     @staticmethod
@@ -224,31 +229,41 @@ def qemu72_config(options: Mapping[str, Any], *, profile: str = "qemu-7.2") -> V
     drain = bool(options.get("dma_drain", True))
     eim = options.get("eim")
     intremap = options.get("intremap", "on")
-    if aw not in (39, 48):
-        raise ConfigError(f"Supported values for aw-bits are: 39, 48 (got {aw})")
-    if eim == "on" or eim is True:
+    # In QEMU's order: vtd_realize refuses PASID with a device IOTLB before vtd_decide_config runs.
+    if pasid and dt:
+        raise ConfigError("PASID based device IOTLB is not supported")
+    ir = intremap not in ("off", False)
+    eim_on = eim == "on" or eim is True
+    if eim_on and not ir:
+        raise ConfigError("eim=on cannot be selected without intremap=on")
+    buggy_eim = bool(options.get("buggy_eim", False))
+    if eim_on and not buggy_eim:
         raise ConfigError("eim=on requires accel=kvm,kernel-irqchip=split")
+    # eim=auto (the default): on only with x-buggy-eim under TCG (no in-kernel irqchip); eim=off wins.
+    eim_set = ir and (eim_on or (eim in (None, "auto") and buggy_eim))
+    if aw not in (39, 48):
+        raise ConfigError("Supported values for aw-bits are: 39, 48")
     if sm and not drain:
         raise ConfigError("Need to set dma_drain for scalable mode")
     if pasid and not sm:
         raise ConfigError("Need to set scalable mode for PASID")
-    if pasid and dt:
-        raise ConfigError("PASID based device IOTLB is not supported")
     cap_fields = dict(ND=6, SAGAW=0b0110 if aw == 48 else 0b0010, MGAW=aw - 1, FRO=0x22, SLLPS=0b11, PSI=1,
                       NFR=0, MAMV=18, DWD=1 if drain else 0, DRD=1 if drain else 0,
                       CM=1 if options.get("caching_mode") else 0)
-    if options.get("dma_translation", True) is False:
+    dma_translation = options.get("dma_translation", True) is not False
+    if not dma_translation:
         cap_fields["SAGAW"] = 0
     ecap_fields = dict(QI=1, IRO=0xF, PT=1 if options.get("pt", True) else 0,
                        DT=1 if dt else 0, SC=1 if options.get("snoop_control") else 0)
-    if intremap not in ("off", False):
+    if ir:
         ecap_fields.update(IR=1, MHMV=15)
-        if options.get("buggy_eim"):
+        if eim_set:
             ecap_fields["EIM"] = 1
     if sm:
         ecap_fields.update(SMTS=1, SLTS=1, SRS=1)
         if pasid:
             ecap_fields["PASID"] = 1
     cfg = VtdConfig(cap=_cap(**cap_fields), ecap=_ecap(**ecap_fields), profile=profile,
-                    quirks=quirks_for(profile), name="qemu-7.2", haw=aw, iotlb_size=1024)
+                    quirks=quirks_for(profile), name="qemu-7.2", haw=aw, iotlb_size=1024,
+                    dma_translation=dma_translation)
     return cfg.validated()

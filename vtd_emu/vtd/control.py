@@ -53,7 +53,7 @@ class RegisterControl(ChipState):
         regs = self.regs
         gsts = regs.get("GSTS")
         changed = (value ^ gsts) & _PERSISTENT
-        if changed & TE:
+        if changed & TE and self.cfg.dma_translation:
             self._set_te(bool(value & TE))
         if value & SRTP:
             self._latch_root()
@@ -91,10 +91,15 @@ class RegisterControl(ChipState):
         rt = self.regs.get("RTADDR")
         ttm = (rt >> _TTM_LO) & _TTM_MAX
         self.root_addr = rt & self.addr_mask
-        # TTM is read-only zero on units without scalable mode, so only 10 (reserved) and 11 (abort-DMA,
-        # not implemented) can be invalid here.
-        self.root_scalable = ttm == _TTM_SCALABLE
-        self.root_invalid = ttm >= 2
+        if self.quirks.rtaddr_smt_bit:
+            # QEMU 7.2 reads bit 10 alone ("SMT"), and only on a scalable-capable unit.
+            self.root_scalable = self.scalable_unit and bool(ttm & _TTM_SCALABLE)
+            self.root_invalid = False
+        else:
+            # 00 legacy; 01 scalable needs ECAP.SMTS; 10 is reserved and 11 (abort-DMA) is not
+            # implemented: an unsupported mode is invalid root-table programming (0x30 on every request).
+            self.root_scalable = ttm == _TTM_SCALABLE and self.scalable_unit
+            self.root_invalid = ttm >= 2 or (ttm == _TTM_SCALABLE and not self.scalable_unit)
         self._set_status(SRTP, True)
         if self.quirks.srtp_te_flush_caches or self.cfg.cap_field("ESRTPS"):
             self.caches.flush_all()

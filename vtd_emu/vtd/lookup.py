@@ -105,7 +105,10 @@ class StructureDecoder(ChipState):
         half = hi if devfn >= 128 else lo
         if not half & 1:
             return _SM_ROOT_ENTRY_P
-        if half & self.sroot_rsvd[1 if devfn >= 128 else 0]:
+        if self.sroot_rsvd_both:
+            if lo & self.sroot_rsvd[0] or hi & self.sroot_rsvd[1]:
+                return _SM_ROOT_ENTRY_RSVD
+        elif half & self.sroot_rsvd[1 if devfn >= 128 else 0]:
             return _SM_ROOT_ENTRY_RSVD
         ca = (half & self.addr_mask) + (devfn & 0x7F) * 32
         qs = tuple(rd(ca + 8 * i) for i in range(4))
@@ -170,7 +173,7 @@ class StructureDecoder(ChipState):
                  | (F_NXE if f["NXE"].get(v) else 0) | (F_SMEP if f["SMEP"].get(v) else 0)
                  | (F_ERE if f["ERE"].get(v) else 0) | (F_EAFE if f["EAFE"].get(v) else 0))
         ssade = bool(f["SSADE"].get(v)) and self.ecap_slads
-        return PasidEntry(f["DID"].get(v), pgtt, aw + 2, f["SSPTPTR"].get(v) << 12 & self.addr_mask, 5 if fspm else 4,
+        return PasidEntry(f["DID"].get(v), pgtt, aw + 2, f["SSPTPTR"].get(v) << 12 & self.ssptptr_mask, 5 if fspm else 4,
                           f["FSPTPTR"].get(v) << 12 & self.addr_mask, fpd, flags, ssade, f["SSEE"].get(v))
 
 

@@ -124,10 +124,14 @@ class InvalidationQueue:
             self.f[t] = dict(lay.fields)
             mask = lay.reserved_mask(features)
             if self.qemu_desc:
+                # QEMU 7.2 takes the type from bits 3:0 alone; bits 11:9 fall under each type's reserved
+                # check, and types 6, 7 and IEC descriptors are checked for nothing (found by the
+                # descriptor sweep, tests/data/qemu-sweeps).
+                mask |= lay.field("TYPE_HI").mask
                 if t in (T_DEV_TLB, T_PASID_DEV_TLB):
                     mask |= lay.field("PFSID_LO").mask | lay.field("PFSID_HI").mask  # an older spec's reserved
-                elif t == T_IEC:
-                    mask = 0  # QEMU 7.2 checks nothing in an IEC descriptor
+                elif t in (T_IEC, T_PIOTLB, T_PASID_CACHE):
+                    mask = 0
                 elif t == T_WAIT:
                     mask |= lay.field("PD").mask  # 7.2 predates PD
             m = lay.qword_masks(mask)
@@ -278,7 +282,7 @@ class InvalidationQueue:
 
     def _execute(self, qs: tuple[int, ...]) -> int | None:
         q0 = qs[0]
-        t = (q0 & 0xF) | ((q0 >> 5) & 0x70)
+        t = q0 & 0xF if self.qemu_desc else (q0 & 0xF) | ((q0 >> 5) & 0x70)
         self.last_type = t
         if t not in self.supported:
             return IQEI_TYPE

@@ -8,9 +8,10 @@ a handler per register name and is called after the generic update.  Nothing a g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
-from ..spec import Register, specs
+from ..spec import Register, Specs, specs
 from .config import VtdConfig
 
 _M64 = (1 << 64) - 1
@@ -32,44 +33,60 @@ class RegSlot:
     readable: int       # bits a read returns (RO | RW | RW1C)
 
 
+_Layout = tuple[dict[tuple[str, int], RegSlot], dict[int, tuple[RegSlot, int]], int, dict[tuple[str, int], int]]
+
+
+@lru_cache(maxsize=64)
+def _layout(cfg: VtdConfig, sp: Specs) -> _Layout:
+    """Slots by (name, index), the slot and bit shift of every dword offset, the size, and reset values."""
+    slots: dict[tuple[str, int], RegSlot] = {}
+    by_dword: dict[int, tuple[RegSlot, int]] = {}
+    reset: dict[tuple[str, int], int] = {}
+    size = 0
+    for offset, reg, index in sp.register_map(cfg.cap, cfg.ecap):
+        slot = RegisterFile._compile(cfg, reg, offset, index)
+        key = (reg.name, index)
+        slots[key] = slot
+        reset[key] = RegisterFile._reset_value(cfg, reg)
+        for dw in range(0, slot.width // 32):
+            by_dword[offset + 4 * dw] = (slot, 32 * dw)
+        size = max(size, offset + slot.width // 8)
+    return slots, by_dword, size, reset
+
+
 class RegisterFile:
     """Values of every register by (name, index), and MMIO decode of offsets to registers."""
 
     def __init__(self, cfg: VtdConfig) -> None:
         self.cfg = cfg
-        self.values: dict[tuple[str, int], int] = {}
-        self.slots: dict[tuple[str, int], RegSlot] = {}
-        self._by_dword: dict[int, tuple[RegSlot, int]] = {}
         self.handlers: dict[str, WriteHandler] = {}
-        self.size = 0
-        sp = specs()
-        for offset, reg, index in sp.register_map(cfg.cap, cfg.ecap):
-            slot = self._compile(reg, offset, index)
-            key = (reg.name, index)
-            self.slots[key] = slot
-            self.values[key] = self._reset_value(reg)
-            for dw in range(0, slot.width // 32):
-                self._by_dword[offset + 4 * dw] = (slot, 32 * dw)
-            self.size = max(self.size, offset + slot.width // 8)
+        # The layout depends on the configuration alone: units of one configuration share it (read-only).
+        slots, by_dword, size, reset = _layout(cfg, specs())
+        self.slots: dict[tuple[str, int], RegSlot] = slots
+        self._by_dword: dict[int, tuple[RegSlot, int]] = by_dword
+        self.size = size
+        self.values: dict[tuple[str, int], int] = dict(reset)
 
-    def _reset_value(self, reg: Register) -> int:
+    @staticmethod
+    def _reset_value(cfg: VtdConfig, reg: Register) -> int:
         if reg.name == "VER":
-            return self.cfg.ver
+            return cfg.ver
         if reg.name == "CAP":
-            return self.cfg.cap
+            return cfg.cap
         if reg.name == "ECAP":
-            return self.cfg.ecap
+            return cfg.ecap
         return reg.reset or 0
 
-    def _compile(self, reg: Register, offset: int, index: int) -> RegSlot:
+    @staticmethod
+    def _compile(cfg: VtdConfig, reg: Register, offset: int, index: int) -> RegSlot:
         m = reg.masks()
         rw, rw1c, wo, ro = m.get("RW", 0), m.get("RW1C", 0), m.get("WO", 0), m.get("RO", 0)
-        if not self._register_implemented(reg.name):
+        if not RegisterFile._register_implemented(cfg, reg.name):
             # Registers of features the unit lacks read as zero and ignore writes.
             rw = rw1c = wo = ro = 0
-        elif reg.name == "RTADDR" and not self.cfg.scalable:
-            rw &= ~reg.field("TTM").mask
-        if self.cfg.quirks.qemu_register_widths:
+        # RTADDR.TTM stays read/write on every unit (as in QEMU): what an unsupported mode does is decided
+        # when SRTP latches it (control.py).
+        if cfg.quirks.qemu_register_widths:
             # QEMU keeps 32 bits of IEDATA and no upper MSI address.
             if reg.name == "IEDATA":
                 rw |= 0xFFFF_FFFF
@@ -81,8 +98,8 @@ class RegisterFile:
                 wo |= sid_fm
         return RegSlot(reg.name, index, offset, reg.size_bits, rw, rw1c, wo, ro | rw | rw1c)
 
-    def _register_implemented(self, name: str) -> bool:
-        cfg = self.cfg
+    @staticmethod
+    def _register_implemented(cfg: VtdConfig, name: str) -> bool:
         if name.startswith("MTRR"):
             return bool(cfg.ecap_field("MTS"))
         if name in ("PLMBASE", "PLMLIMIT"):

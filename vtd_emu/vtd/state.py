@@ -97,6 +97,7 @@ class ChipState:
         self.lctx: dict[str, Field] = {n: lc.field(n) for n in ("P", "FPD", "TT", "SLPTPTR", "AW", "DID")}
         sr, sc = sp.structure("sm_root_entry"), sp.structure("sm_context_entry")
         self.sroot_rsvd: tuple[int, ...] = sr.qword_masks(sr.reserved_mask(frozenset(), haw))
+        self.sroot_rsvd_both = q.sm_root_rsvd_both_halves
         sc_feat = {n for n in ("RPS", "RPRIVS") if cfg.ecap_field(n)}
         if q.qemu_reserved_bits:
             # QEMU checks only context-lo bits 8:5, bits above the host width, and context-hi above RID_PASID.
@@ -110,7 +111,10 @@ class ChipState:
                                                                "RID_PASID", "RID_PRIV")}
         pd, pe = sp.structure("pasid_dir_entry"), sp.structure("pasid_entry")
         self.pdir_rsvd = 0 if q.qemu_reserved_bits else pd.reserved_mask(frozenset(), haw)
-        self.pdir_ptr = pd.field("SMPTBLPTR").mask & ((1 << haw) - 1)
+        # QEMU neither checks nor drops PASID-directory and PASID-entry pointer bits above the host width:
+        # a table there is read (and fails) at the full address.
+        self.pdir_ptr = pd.field("SMPTBLPTR").mask & (-1 if q.qemu_reserved_bits else (1 << haw) - 1)
+        self.ssptptr_mask = (1 << 64) - (1 << 12) if q.qemu_reserved_bits else ADDR_MASK & ((1 << haw) - 1)
         self.pe_rsvd = (0,) * 8 if q.qemu_reserved_bits else pe.qword_masks(pe.reserved_mask(frozenset(), haw))
         self.pe: dict[str, Field] = {n: pe.field(n) for n in ("FPD", "AW", "SSEE", "PGTT", "SSADE", "SSPTPTR", "DID",
                                                               "SRE", "ERE", "FSPM", "WPE", "NXE", "SMEP", "EAFE",
