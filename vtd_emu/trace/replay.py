@@ -429,12 +429,24 @@ class Replayer:
     def apply(self, ev: Event) -> None:
         """Replay one event now and check its expectations (the recorder drives a replay this way)."""
         i = self.index
-        self.index += 1
+        self.index = i + 1
         op = ev.op
         handler = _HANDLERS.get(op)
+        exp = ev.expect
+        if handler is not None and not self.record and (exp is None or _SPECIAL_EXPECT.isdisjoint(exp)):
+            # The common event (every DMA, interrupt and memory write of an imported log): nothing to watch
+            # or read back, each expected key compared with what the handler observed.
+            obs = handler(self, ev)
+            if exp:
+                result = self.result
+                for k, v in exp.items():
+                    if k in obs:
+                        result.checks += 1
+                        if v != obs[k]:
+                            self._mis(i, op, ev.where, k, v, obs[k])
+            return
         if handler is None and not op.startswith("host."):
             raise TraceError(self.file, ev.where or f"event {i}", f"unknown op {op!r}")
-        exp = ev.expect
         watch = exp is not None and "mem_changes" in exp
         raises: dict[int, int] | None = exp.get("raises") if exp else None
         before = self.io.register_dump() if raises else {}
@@ -589,11 +601,30 @@ class Replayer:
         req = (WRITE if write else READ) | (PRIV if priv else 0)
         window = io.quirks.interrupt_window_untranslated
         xl = io.xlate
+        st.dmas += 1
+        st.dma_bytes += length
+        if 0 < length <= 4096 - (iova & 0xFFF):
+            # Within one page (nearly every DMA of a driver): the loop below, once, without its buffer.
+            st.chunks += 1
+            st.scalar_chunks += 1
+            if window and INTR_LO <= iova < INTR_HI:
+                st.untranslated += 1
+                return (None if write else bytes(length)), [], [None]
+            hpa = xl(sid, ptag, iova, req)
+            if hpa >= 0:
+                if write:
+                    assert data is not None
+                    ram.write(hpa, memoryview(data)[:length])
+                    return None, [], [hpa]
+                return ram.read(hpa, length), [], [hpa]
+            if hpa == DROPPED:
+                st.dropped += 1
+                return (None if write else bytes(length)), [], [None]
+            st.faults[-hpa] += 1
+            return (None if write else bytes(length)), [-hpa], [None]
         out = None if write else bytearray(length)
         faults: list[int] = []
         addrs: list[int | None] = []
-        st.dmas += 1
-        st.dma_bytes += length
         pos = 0
         mv = memoryview(data) if data is not None else None
         while pos < length:
@@ -887,6 +918,9 @@ def _jsonable(v: Any) -> Any:
         return {str(k): _jsonable(x) for k, x in v.items()}
     return f"<{type(v).__name__}>"
 
+
+_SPECIAL_EXPECT = frozenset(("regs", "mem", "raises", "mem_changes"))
+"""Expectation keys ``apply`` does more for than compare with the handler's observation."""
 
 _HANDLERS: dict[str, Callable[[Replayer, Event], dict[str, Any]]] = {
     "mem_write": Replayer._mem_write,

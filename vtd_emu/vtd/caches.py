@@ -170,14 +170,18 @@ class Caches:
     def _unlink(self, key: int, entry: IotlbEntry) -> None:
         """Drop ``entry`` (stored under ``key``) from the indexes; the caller removes it from ``iotlb``."""
         did = entry.did
-        index: dict[int, dict[int, IotlbEntry]]
-        for index, ik in ((self._by_did, did),
-                          (self._fs_by_did, did) if entry.kind == KIND_FS or entry.kind == KIND_NESTED
-                          else (self._by_page, (did << 52) | ((entry.iova >> 12) & self._bucket_mask))):
-            d = index[ik]
-            del d[key]
-            if not d:
-                del index[ik]
+        d = self._by_did[did]
+        del d[key]
+        if not d:
+            del self._by_did[did]
+        if entry.kind == KIND_FS or entry.kind == KIND_NESTED:
+            index, ik = self._fs_by_did, did
+        else:
+            index, ik = self._by_page, (did << 52) | ((entry.iova >> 12) & self._bucket_mask)
+        d = index[ik]
+        del d[key]
+        if not d:
+            del index[ik]
 
     def put_front(self, key: int, out4k: int, entry: IotlbEntry) -> None:
         front = self.front
