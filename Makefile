@@ -19,7 +19,7 @@ VMM_CLEAN = traces/vmm-vsva.yaml traces/vmm-replace.yaml traces/vmm-unbind.yaml 
 	traces/vmm-unmap-storm.jsonl traces/vmm-unmap-storm-one-per-call.jsonl
 VMM_FORGOT = traces/vmm-forgot-piotlb.yaml traces/vmm-forgot-pasid-cache.yaml traces/vmm-torn-update.yaml
 run: $(STAMP)
-	$(BIN)/vtd-emu replay --check traces/*.yaml traces/*.jsonl traces/*.npz traces/qemu-import/*.yaml traces/qemu-7.2/*.jsonl
+	$(BIN)/vtd-emu replay --check traces/*.yaml traces/*.jsonl traces/*.npz traces/qemu-import/*.yaml traces/qemu-import/*.npz traces/qemu-7.2/*.jsonl
 	$(BIN)/vtd-emu replay --check --sanitize $(VMM_CLEAN)
 	for t in $(VMM_FORGOT); do $(BIN)/vtd-emu replay --sanitize $$t > /dev/null; test $$? = 1 || exit 1; done
 

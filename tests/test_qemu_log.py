@@ -90,7 +90,11 @@ def test_import_converts_registers_descriptors_dma_and_faults(tmp_path: Path, te
     te = next(e for e in evs if e.op == "mmio_write" and e.fields["value"] == 0x84000000)
     assert te.expect == {"regs": {0x1C: (1 << 31, 1 << 31)}}
     dma = [e for e in evs if e.op == "dma"]
-    assert dma[0].fields["iova"] == 0x40000 and dma[0].expect == {"faults": [], "addrs": [0x200000]}
+    # the IOTLB line before the translation gives the exact address, and QEMU walked for it
+    assert dma[0].fields["iova"] == 0x40100 and dma[0].expect == {"faults": [], "addrs": [0x200100], "walks": 1}
+    # without a RAM image the tables are placed by the import; the leaf written is the one QEMU read
+    writes = [e for e in evs[:evs.index(dma[0])] if e.op == "mem_write" and e.note is None]
+    assert writes[-1].fields["qwords"] == [0x200003]
     # the 4-byte retry of the faulting access is folded into one DMA; the record's F bit is expected set
     assert dma[1].expect["faults"] == [6]
     assert dma[1].expect["regs"][0x228] == (0xC0FF_FF06_0000_0010, (1 << 64) - 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TextIO
 
@@ -326,6 +327,19 @@ def _progress_printer(path: str, enabled: bool) -> Callable[[int, int], None] | 
     return show
 
 
+def _import_progress(path: str, enabled: bool) -> Callable[[int], None] | None:
+    if not enabled:
+        return None
+    t0 = time.perf_counter()
+
+    def show(lines: int) -> None:
+        dt = time.perf_counter() - t0
+        sys.stderr.write(f"\rimport {path}: {lines:,} lines ({lines / dt if dt > 0 else 0:,.0f} lines/s)")
+        sys.stderr.flush()
+
+    return show
+
+
 def _summary_table(st: Any, out: TextIO) -> None:
     """The human summary of replayed traces (DMAs, bytes, faults, cache hit rates, invalidations)."""
     from .vtd.faults import reason_name
@@ -351,6 +365,13 @@ def _summary_table(st: Any, out: TextIO) -> None:
     w("cache hit rates " + ", ".join((iotlb_text,
                                        rate("context", "context_hits", "context_misses"),
                                        rate("pasid", "pasid_hits", "pasid_misses"))) + "\n")
+    lc = st.log_iotlb
+    if lc:
+        w(f"IOTLB vs log    QEMU hit {lc['qemu_hit']:,}, walked {lc['qemu_walk']:,}; this unit hit {lc['hit']:,}, "
+          f"walked {lc['walk']:,} ({lc['hit_where_walked']:,} hits where QEMU walked, {lc['walk_where_hit']:,} walks "
+          "where QEMU hit)\n")
+    if st.interrupts:
+        w("interrupts      " + ", ".join(f"{k} {v:,}" for k, v in sorted(st.interrupts.items())) + "\n")
     if st.invalidations:
         w("invalidations   " + ", ".join(f"{k} {v:,}" for k, v in sorted(st.invalidations.items())) + "\n")
     if st.qi_descriptors:
@@ -597,23 +618,37 @@ def _qemu_options(items: list[str]) -> dict[str, Any]:
 
 def cmd_import_qemu(args: argparse.Namespace, out: TextIO) -> int:
     from .errors import TraceError
-    from .importers.qemu_log import import_log
+    from .importers.qemu_log import import_log, import_log_to
     from .trace.model import check_trace, save_trace
 
     kind = _encoding(args.out_path, args.to)
-    trace, s = import_log(args.log, ram=args.ram, out=args.out_path, qemu=_qemu_options(args.qemu_option) or None,
-                          preset=args.preset, profile=args.profile, ram_size=args.ram_size)
+    opts = dict(ram=args.ram, qemu=_qemu_options(args.qemu_option) or None, preset=args.preset, profile=args.profile,
+                ram_size=args.ram_size)
+    seconds = None
+    if kind == "jsonl":
+        # JSON Lines is written as the log is read: memory stays bounded whatever the log's size.
+        show = _import_progress(args.log, args.progress or sys.stderr.isatty())
+        with replacing(args.out_path) as tmp:
+            count, s, seconds = import_log_to(args.log, tmp, ram_ref=args.out_path, progress=show, **opts)
+        if show is not None:
+            sys.stderr.write("\n")
+    else:
+        trace, s = import_log(args.log, out=args.out_path, **opts)
+        # What is written must be what replay accepts: the same validation as a trace loaded from a file.
+        check_trace(trace)
+        with replacing(args.out_path) as tmp:
+            save_trace(trace, tmp, kind)
+        count = trace.event_count()
     if not s.trace_lines:
         raise TraceError(args.log, "", "no QEMU trace line (like 'vtd_...' from -trace 'vtd_*') in this file")
-    # What is written must be what replay accepts: the same validation as a trace loaded from a file.
-    check_trace(trace)
-    with replacing(args.out_path) as tmp:
-        save_trace(trace, tmp, kind)
     if args.json:
-        print(json.dumps({"events": trace.event_count(), **s.to_dict()}), file=out)
+        print(json.dumps({"events": count, **s.to_dict()}), file=out)
         return 0
-    print(f"imported {args.log} -> {args.out_path}: {trace.event_count()} events "
-          f"({s.trace_lines} trace lines, {s.other_lines} other lines; styles {dict(s.styles)})", file=out)
+    rate = f"; {s.lines / seconds:,.0f} lines/s" if seconds else ""
+    print(f"imported {args.log} -> {args.out_path}: {count} events "
+          f"({s.trace_lines} trace lines, {s.other_lines} other lines; styles {dict(s.styles)}{rate})", file=out)
+    if s.reconstruction:
+        print("reconstruction  " + ", ".join(f"{k} {v}" for k, v in sorted(s.reconstruction.items())), file=out)
     print("converted       " + (", ".join(f"{k} {v}" for k, v in sorted(s.converted.items())) or "-"), file=out)
     if s.descriptors:
         print(f"descriptors     {s.descriptors} written into the invalidation queue from vtd_inv_desc", file=out)
@@ -725,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="behaviour profile, %(choices)s")
     iq.add_argument("--to", choices=("yaml", "jsonl", "npz"))
     iq.add_argument("--json", action="store_true", help="print the import summary as JSON")
+    iq.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
     iq.set_defaults(func=cmd_import_qemu)
     tl = sub.add_parser("timeline", help="Chrome/Perfetto trace-event JSON of a trace's replay")
     tl.add_argument("trace")

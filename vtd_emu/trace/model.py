@@ -262,6 +262,8 @@ OPS: dict[str, dict[str, _Field]] = {
                  "host_sid": (_u16, False, None), "pasid_bits": (_pasid_bits, False, 20),
                  "ats": (_bool, False, False), "pri": (_bool, False, False), "group": (_count, False, None)},
     "vmm.reset": {},
+    # An interrupt request (a device's MSI write) through interrupt remapping (QEMU logs: vtd_ir_remap_msi).
+    "msi": {"sid": (_u16, True, None), "addr": (_u64, True, None), "data": (_u32, True, None)},
 }
 VMM_OPS = frozenset(op for op in OPS if op.startswith("vmm."))
 """Machine actions of a vIOMMU machine (version 2, ``config.vmm``)."""
@@ -289,7 +291,8 @@ HOST_METHODS = frozenset().union(*HOST_CALLS.values())
 
 # Expectation keys per op, beyond the generic ``regs`` and ``mem`` every event may carry.
 EXPECT_KEYS: dict[str, tuple[str, ...]] = {
-    "dma": ("faults", "addrs", "data", "unbacked", "pending"),
+    "dma": ("faults", "addrs", "data", "unbacked", "pending", "walks"),
+    "msi": ("msi_addr", "msi_data", "ir_fault"),
     "mmio_read": ("value",),
     "mem_read": ("hex",),
     "page_request": ("status",),
@@ -707,8 +710,12 @@ def _parse_expect(op: str, v: Any) -> dict[str, Any]:
                 out[k] = _hex(val)
             elif k == "value":
                 out[k] = _u64(val)
-            elif k == "interrupts":
+            elif k in ("interrupts", "walks"):
                 out[k] = _count(val)
+            elif k in ("msi_addr", "msi_data"):
+                out[k] = None if val is None else _u64(val)
+            elif k == "ir_fault":
+                out[k] = None if val is None else _as_int(val, 8, "a fault reason")
             elif k in ("status", "mem_sha256", "regs_sha256"):
                 out[k] = _str(val)
             elif k == "errno":
@@ -951,6 +958,8 @@ def event_to_dict(ev: Event) -> dict[str, Any]:
             d["group"] = f["group"]
     elif op in VMM_OPS:
         pass
+    elif op == "msi":
+        d.update(sid=_hexs(f["sid"]), addr=_hexs(f["addr"]), data=_hexs(f["data"]))
     else:  # host.*
         for k in ("target", "args", "as"):
             if f.get(k) is not None:
@@ -976,8 +985,8 @@ def expect_to_dict(exp: dict[str, Any]) -> dict[str, Any]:
             out[k] = [None if a is None else _hexs(a) for a in v]
         elif k in ("data", "hex"):
             out[k] = v.hex()
-        elif k == "value":
-            out[k] = _hexs(v)
+        elif k in ("value", "msi_addr", "msi_data", "ir_fault"):
+            out[k] = None if v is None else _hexs(v)
         elif k == "faults" and v and isinstance(v[0], dict):
             out[k] = [{"reason": _hexs(r["reason"]), "sid": _hexs(r["sid"]), "addr": _hexs(r["addr"]),
                        "write": r["write"], "pasid": None if r["pasid"] is None else _hexs(r["pasid"])} for r in v]
@@ -1477,6 +1486,63 @@ def save_trace(trace: Trace, path: str | Path, kind: str | None = None) -> None:
         p.write_text(dump_yaml(trace))
         return
     raise TraceError(str(p), "", f"unknown encoding {kind!r}; expected yaml, jsonl or npz")
+
+
+# -- streaming JSON Lines ------------------------------------------------------------------------------
+
+
+def _hex_list(v: list[int | None]) -> str:
+    return ",".join("null" if a is None else f'"{a:#x}"' for a in v)
+
+
+def event_line(ev: Event) -> str:
+    """``json.dumps(event_to_dict(ev), separators=(",", ":"))``, written directly for what a log import
+    emits by the hundred thousand (qword writes, reads with translation expectations, MSIs)."""
+    f, op, exp = ev.fields, ev.op, ev.expect
+    if ev.note is None:
+        if op == "mem_write" and "qwords" in f and exp is None:
+            return f'{{"op":"mem_write","addr":"{f["addr"]:#x}","qwords":[{_hex_list(f["qwords"])}]}}'
+        if op == "dma" and f["dir"] == "read" and f.get("pasid") is None and not f.get("priv") \
+                and "data_from" not in f and exp is not None and set(exp) <= {"faults", "addrs", "walks"}:
+            parts = []
+            for k, v in exp.items():
+                parts.append(f'"{k}":{v}' if k == "walks" else f'"{k}":[{_hex_list(v)}]')
+            return (f'{{"op":"dma","sid":"{f["sid"]:#x}","iova":"{f["iova"]:#x}","len":{f["len"]},"dir":"read",'
+                    f'"expect":{{{",".join(parts)}}}}}')
+        if op == "msi" and exp is not None and set(exp) <= {"msi_addr", "msi_data", "ir_fault"}:
+            ex = ",".join(f'"{k}":' + ("null" if v is None else f'"{v:#x}"') for k, v in exp.items())
+            return f'{{"op":"msi","sid":"{f["sid"]:#x}","addr":"{f["addr"]:#x}","data":"{f["data"]:#x}","expect":{{{ex}}}}}'
+    return json.dumps(event_to_dict(ev), separators=(",", ":"))
+
+
+JSONL_BUFFER_LINES = 4096
+"""Lines :func:`write_jsonl` gathers before each write."""
+
+
+def write_jsonl(path: str | Path, config: TraceConfig, events: Iterable[Event], name: str = "",
+                description: str = "") -> int:
+    """Write a JSON Lines trace from an event stream (constant memory: nothing is held); the number of
+    events written."""
+    head: dict[str, Any] = {"format": FORMAT}
+    if name:
+        head["name"] = name
+    if description:
+        head["description"] = description
+    head["config"] = config_to_dict(config)
+    n = 0
+    with Path(path).open("w") as fh:
+        fh.write(json.dumps(head, separators=(",", ":")) + "\n")
+        buf: list[str] = []
+        for ev in events:
+            buf.append(event_line(ev))
+            if len(buf) >= JSONL_BUFFER_LINES:
+                fh.write("\n".join(buf) + "\n")
+                n += len(buf)
+                buf.clear()
+        if buf:
+            fh.write("\n".join(buf) + "\n")
+            n += len(buf)
+    return n
 
 
 def dump_yaml(trace: Trace) -> str:

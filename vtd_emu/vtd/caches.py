@@ -84,6 +84,15 @@ class Caches:
         self.context: OrderedDict[int, Context] = OrderedDict()
         self.pasid: OrderedDict[tuple[int, int], PasidEntry] = OrderedDict()
         self.iotlb: OrderedDict[int, IotlbEntry] = OrderedDict()
+        # The IOTLB indexed so that an invalidation touches only what it can remove (the FIFO order stays
+        # in ``iotlb``): every entry by DID; first-stage and nested entries by DID again (a page-selective
+        # request drops them whatever their address); second-stage and pass-through entries by
+        # (DID << 52 | page bucket), the bucket being the page number, or under ``psi_mask_bits`` its low
+        # bits (the only ones QEMU compares).
+        self._by_did: dict[int, dict[int, IotlbEntry]] = {}
+        self._fs_by_did: dict[int, dict[int, IotlbEntry]] = {}
+        self._by_page: dict[int, dict[int, IotlbEntry]] = {}
+        self._bucket_mask = -1 if psi_mask_bits is None else (1 << psi_mask_bits) - 1
         # Paging-structure caches, filled by the walkers (walk.py) under packed keys
         # ((tag << 3 | level) << 56 | region); tag = DID (second stage) or DID << 20 | PASID (first stage).
         self.psc_ss: OrderedDict[int, tuple[int, int]] = OrderedDict()
@@ -127,14 +136,52 @@ class Caches:
             else:
                 if obs is not None:
                     obs.entry_lost(next(iter(iotlb.values())))
-                iotlb.popitem(last=False)[1].alive = 0
+                old_key, old = iotlb.popitem(last=False)
+                old.alive = 0
+                self._unlink(old_key, old)
         prev = iotlb.get(key)
         if prev is not None:
             if obs is not None:
                 obs.entry_lost(prev)
             prev.alive = 0
+            self._unlink(key, prev)
         iotlb[key] = entry
         self.sizes_held |= 1 << ((key >> 52) & 3)
+        did = entry.did
+        d = self._by_did.get(did)
+        if d is None:
+            self._by_did[did] = {key: entry}
+        else:
+            d[key] = entry
+        if entry.kind == KIND_FS or entry.kind == KIND_NESTED:
+            d = self._fs_by_did.get(did)
+            if d is None:
+                self._fs_by_did[did] = {key: entry}
+            else:
+                d[key] = entry
+        else:
+            pk = (did << 52) | ((entry.iova >> 12) & self._bucket_mask)
+            d = self._by_page.get(pk)
+            if d is None:
+                self._by_page[pk] = {key: entry}
+            else:
+                d[key] = entry
+
+    def _unlink(self, key: int, entry: IotlbEntry) -> None:
+        """Drop ``entry`` (stored under ``key``) from the indexes; the caller removes it from ``iotlb``."""
+        did = entry.did
+        d = self._by_did[did]
+        del d[key]
+        if not d:
+            del self._by_did[did]
+        if entry.kind == KIND_FS or entry.kind == KIND_NESTED:
+            index, ik = self._fs_by_did, did
+        else:
+            index, ik = self._by_page, (did << 52) | ((entry.iova >> 12) & self._bucket_mask)
+        d = index[ik]
+        del d[key]
+        if not d:
+            del index[ik]
 
     def put_front(self, key: int, out4k: int, entry: IotlbEntry) -> None:
         front = self.front
@@ -152,14 +199,66 @@ class Caches:
         for e in self.iotlb.values():
             e.alive = 0
         self.iotlb.clear()
+        self._by_did.clear()
+        self._fs_by_did.clear()
+        self._by_page.clear()
         self.front.clear()
         self.sizes_held = 0
 
-    def _kill_where(self, pred: Callable[[IotlbEntry], bool]) -> int:
-        dead = [k for k, e in self.iotlb.items() if pred(e)]
-        for k in dead:
-            self.iotlb.pop(k).alive = 0
+    def _kill_where(self, candidates: list[tuple[int, IotlbEntry]] | None,
+                    pred: Callable[[IotlbEntry], bool]) -> int:
+        """Remove the entries among ``candidates`` ((key, entry) pairs, a superset of what ``pred``
+        accepts) that ``pred`` accepts."""
+        if not candidates:
+            return 0
+        dead = [(k, e) for k, e in candidates if pred(e)]
+        iotlb = self.iotlb
+        for k, e in dead:
+            del iotlb[k]
+            e.alive = 0
+            self._unlink(k, e)
         return len(dead)
+
+    def _page_candidates(self, did: int, buckets: set[int] | None) -> list[tuple[int, IotlbEntry]] | None:
+        """Entries of DID a page-selective request can remove: its first-stage and nested entries, and its
+        other entries in ``buckets`` (page buckets; None: all of them)."""
+        if buckets is None:
+            d = self._by_did.get(did)
+            return None if d is None else list(d.items())
+        out = list(self._fs_by_did.get(did, {}).items())
+        by_page = self._by_page
+        for b in buckets:
+            d = by_page.get((did << 52) | b)
+            if d is not None:
+                out.extend(d.items())
+        return out
+
+    def _spec_buckets(self, did: int, lo: int, hi: int) -> set[int] | None:
+        """Pages at which an entry of a held size overlapping [lo, hi) starts; None when there are more of
+        them than entries of DID (scanning those is cheaper)."""
+        limit = len(self._by_did.get(did, ()))
+        out: set[int] = set()
+        for size_idx in range(4):
+            if self.sizes_held >> size_idx & 1:
+                shift = 12 + 9 * size_idx
+                first, last = lo >> shift, (hi - 1) >> shift
+                if last - first + 1 + len(out) > limit:
+                    return None
+                out.update((n << shift) >> 12 for n in range(first, last + 1))
+        return out
+
+    def _qemu_buckets(self, did: int, addr: int, am: int, bits: int) -> set[int] | None:
+        """Buckets QEMU 7.2's comparison can hit: low page-number bits equal to the address's above AM, or
+        the address's page at each held size (an entry containing it); None: every bucket."""
+        if am >= bits or (1 << am) > len(self._by_did.get(did, ())):
+            return None
+        page = (addr >> 12) & ((1 << bits) - 1) & ~((1 << am) - 1)
+        out = set(range(page, page + (1 << am)))
+        for size_idx in range(4):
+            if self.sizes_held >> size_idx & 1:
+                shift = 12 + 9 * size_idx
+                out.add(((addr & ~((1 << shift) - 1)) >> 12) & ((1 << bits) - 1))
+        return out
 
     def context_global(self) -> None:
         self.stats.count("context-global")
@@ -204,7 +303,8 @@ class Caches:
 
     def iotlb_domain(self, did: int) -> None:
         self.stats.count("iotlb-domain")
-        self._kill_where(lambda e: e.did == did)
+        d = self._by_did.get(did)
+        self._kill_where(None if d is None else list(d.items()), lambda e: True)
         self._drop_psc(did, None)
 
     def iotlb_page(self, did: int, addr: int, am: int, ih: bool) -> None:
@@ -228,13 +328,17 @@ class Caches:
                         or e.iova == addr & ~((1 << e.shift) - 1))
             return e.iova < hi and e.iova + (1 << e.shift) > lo
 
-        self._kill_where(hit)
+        if did in self._by_did:
+            buckets = (self._spec_buckets(did, lo, hi) if bits is None
+                       else self._qemu_buckets(did, addr, am, bits))
+            self._kill_where(self._page_candidates(did, buckets), hit)
         if not ih:
             self._drop_psc(did, None)
 
     def piotlb_pasid(self, did: int, pasid: int) -> None:
         self.stats.count("piotlb-pasid")
-        self._kill_where(lambda e: e.did == did and e.pasid == pasid)
+        d = self._by_did.get(did)
+        self._kill_where(None if d is None else list(d.items()), lambda e: e.pasid == pasid)
         self._drop_psc(did, pasid)
 
     def piotlb_page(self, did: int, pasid: int, addr: int, am: int, ih: bool) -> None:
@@ -242,8 +346,9 @@ class Caches:
         second-stage-only or pass-through entries."""
         self.stats.count("piotlb-page")
         lo, hi = self._range(addr, am)
-        self._kill_where(lambda e: e.did == did and e.pasid == pasid and e.kind in (KIND_FS, KIND_NESTED)
-                         and e.iova < hi and e.iova + (1 << e.shift) > lo)
+        d = self._fs_by_did.get(did)
+        self._kill_where(None if d is None else list(d.items()),
+                         lambda e: e.pasid == pasid and e.iova < hi and e.iova + (1 << e.shift) > lo)
         if not ih:
             self._drop_psc(did, pasid, fs_only=True)
 
