@@ -1024,6 +1024,10 @@ def render_vmm(rows: list[VmmRow]) -> list[str]:
       "per unmapped page a PASID-IOTLB (type 6) and a PASID device-TLB (type 8) descriptor per device. "
       "Each device has its own nested HWPT: coalesced makes one call per HWPT per wait, one-per-call one per "
       "(descriptor, HWPT).")
+    w("")
+    return out
+
+
 # -- a real Linux run: QEMU log import and replay ------------------------------------------------------
 
 
