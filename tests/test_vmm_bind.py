@@ -44,6 +44,8 @@ def test_pasid_cache_invalidation_binds_a_nested_hwpt_and_dma_uses_both_stages()
     # The entry alone does nothing: the bind happens at the PASID-cache invalidation (caching mode).
     g.pasids[SID].set_entry(PASID, pgtt=1, did=DID, fsptptr=fs.root)
     assert nested_objects(m) == [] and m.bridge.binds.get((SID, PASID)) is None
+    # Until then the device's PASID is not bound: its DMA faults as a not-present PASID entry.
+    assert dev.dma_write(GVA, b"early", pasid=PASID).faults == (FR.SM_PASID_ENTRY_P,)
     assert g.submit(pasid_cache(DID, PASID))
     (nested,) = nested_objects(m)
     assert dev.vfio.attached_hwpt(PASID) == nested  # type: ignore[union-attr]
@@ -67,7 +69,8 @@ def test_pasid_cache_invalidation_binds_a_nested_hwpt_and_dma_uses_both_stages()
     out = dev.dma_read(GVA + 8 * PAGE, 4, pasid=PASID)
     assert out.faults == (FR.SM_FS_ENTRY_P,)
     recs = m.viommu.fault_records()
-    assert [(r.sid, r.reason, r.pasid, r.addr) for r in recs] == [(SID, FR.SM_FS_ENTRY_P, PASID, GVA + 8 * PAGE)]
+    assert [(r.sid, r.reason, r.pasid, r.addr) for r in recs] == [(SID, FR.SM_PASID_ENTRY_P, PASID, GVA),
+                                                                   (SID, FR.SM_FS_ENTRY_P, PASID, GVA + 8 * PAGE)]
     m.close()
     assert m.host.pinned_pages == 0
 

@@ -92,4 +92,8 @@ def test_bad_machine_arguments_are_config_errors() -> None:
     m.add_emulated_device(0x10)
     with pytest.raises(ConfigError, match="already has a device"):
         m.add_passthrough_device(0x10)
+    m.host.add_device(0x20, pasid_bits=8)
+    with pytest.raises(ConfigError, match="host device 0x0020 has pri=False"):
+        m.add_passthrough_device(0x28, 0x20, pri=True)
+    assert m.add_passthrough_device(0x28, 0x20, pasid_bits=8).host_sid == 0x20
     m.close()

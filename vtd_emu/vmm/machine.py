@@ -137,6 +137,9 @@ class Machine:
         vfio = self.host.devices.get(hsid)
         if vfio is None:
             vfio = self.host.add_device(hsid, group=group, pasid_bits=pasid_bits, pri=pri, ats=ats)
+        elif (vfio.info.pri, vfio.info.ats) != (pri, ats or pri):
+            raise ConfigError(f"host device {hsid:#06x} has pri={vfio.info.pri} ats={vfio.info.ats}, "
+                              f"asked for pri={pri} ats={ats or pri}")
         self.guest_actions += 1
         b = self.bridge
         b.begin("plug")
