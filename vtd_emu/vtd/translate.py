@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..memory import HostRAM
 from ..spec.consts import FR
 from .access import EXEC, NO_PASID, PRIV, READ, REQ_W, REQ_X, WRITE, describe, ss_allowed
 from .caches import iotlb_key
@@ -18,7 +19,8 @@ from .entries import (CTX_LEGACY, DROPPED, FPD_SHIFT, INTR_HI, INTR_LO, KIND_NAM
 from .faults import reason_name
 from .lookup import StructureDecoder
 from .results import Fault, Translation, allowed_text, request_bits
-from .walk import DIRTY_OK, F_ERE, F_SRE, SS_CODES_LEGACY, TraceEntry, canonical, fs_walk, ss_walk
+from .walk import (DIRTY_OK, F_ERE, F_SRE, SS_CODES_LEGACY, TraceEntry, canonical, fs_walk, fs_walk_ram, ss_walk,
+                   ss_walk_ram)
 
 _SM_RTA_INV, _SM_RTA_LEGACY_PASID = FR.SM_RTA_INV, FR.SM_RTA_LEGACY_PASID
 _ADDR_BEYOND_MGAW, _INTERRUPT_ADDR, _SM_INTERRUPT_ADDR = FR.ADDR_BEYOND_MGAW, FR.INTERRUPT_ADDR, FR.SM_INTERRUPT_ADDR
@@ -44,6 +46,9 @@ class Translator(StructureDecoder):
     _front_get: Callable[[int], tuple[int, IotlbEntry] | None]
     """``caches.front.get``, bound once: the memo dict is only ever cleared, never replaced."""
     _last_entry: IotlbEntry | None
+    fast_walk: bool = True
+    """Walk a :class:`HostRAM` with the inlined walkers (``walk.ss_walk_ram``/``fs_walk_ram``); False makes
+    every walk take the reference walkers, which ``tests/test_speed_equivalence.py`` compares against."""
 
     # -- public ------------------------------------------------------------------------------------
     def translate(self, sid: int, iova: int, access: str | int = "r", pasid: int | None = None,
@@ -136,8 +141,13 @@ class Translator(StructureDecoder):
             if cached:
                 st.iotlb_misses += 1
                 st.walks += 1
-            res = ss_walk(self.mem.read_u64, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY,
-                          psc_ss, did, c.psc_size, trace)
+            mem = self.mem
+            if cached and type(mem) is HostRAM and self.fast_walk:
+                res = ss_walk_ram(mem, False, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY, psc_ss, did,
+                                  c.psc_size)
+            else:
+                res = ss_walk(mem.read_u64, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY,
+                              psc_ss, did, c.psc_size, trace)
             if type(res) is int:
                 return res | finfo
             base, shift, perm = res  # type: ignore[misc]
@@ -179,8 +189,8 @@ class Translator(StructureDecoder):
         if cached:
             st.iotlb_misses += 1
             st.walks += 1
-        rd = self.mem.read_u64
-        wr = self.mem.write_u64
+        mem = self.mem
+        fast = cached and type(mem) is HostRAM and self.fast_walk
         if pgtt == PGTT_SS:
             if iova >> (self.mgaw + 1):
                 return _SM_BEYOND_HW_MAX | fpd_info
@@ -188,8 +198,12 @@ class Translator(StructureDecoder):
                 return _SM_BEYOND_SS_MAX | fpd_info
             if req & EXEC and not ssee:
                 return _SM_EXEC_DENIED | fpd_info
-            res = ss_walk(rd, wr if ssade else None, ssptptr, ss_levels, iova, req, self.ss_geo, self.ss_codes_sm,
-                          psc_ss, did, c.psc_size, trace)
+            if fast:
+                res = ss_walk_ram(mem, ssade, ssptptr, ss_levels, iova, req, self.ss_geo,  # type: ignore[arg-type]
+                                  self.ss_codes_sm, psc_ss, did, c.psc_size)
+            else:
+                res = ss_walk(mem.read_u64, mem.write_u64 if ssade else None, ssptptr, ss_levels, iova, req,
+                              self.ss_geo, self.ss_codes_sm, psc_ss, did, c.psc_size, trace)
             if type(res) is int:
                 return res | fpd_info
             base, shift, perm = res  # type: ignore[misc]
@@ -203,8 +217,13 @@ class Translator(StructureDecoder):
         if not canonical(iova, fs_levels):
             return _SM_NON_CANONICAL | fpd_info
         if pgtt == PGTT_FS:
-            res = fs_walk(rd, wr, fsptptr, fs_levels, iova, req, self.fs_geo, flags,
-                          c.psc_fs if (cached and c.psc_size) else None, did << 20 | pasid, c.psc_size, trace)
+            psc_fs = c.psc_fs if (cached and c.psc_size) else None
+            if fast:
+                res = fs_walk_ram(mem, fsptptr, fs_levels, iova, req, self.fs_geo, flags,  # type: ignore[arg-type]
+                                  psc_fs, did << 20 | pasid, c.psc_size)
+            else:
+                res = fs_walk(mem.read_u64, mem.write_u64, fsptptr, fs_levels, iova, req, self.fs_geo, flags, psc_fs,
+                              did << 20 | pasid, c.psc_size, trace)
             if type(res) is int:
                 return res | fpd_info
             base, shift, allowed = res  # type: ignore[misc]
@@ -215,31 +234,46 @@ class Translator(StructureDecoder):
                 trace: list[TraceEntry] | None) -> Lookup:
         ss_levels, ssptptr, fs_levels, fsptptr, flags = pe.ss_levels, pe.ssptptr, pe.fs_levels, pe.fsptptr, pe.flags
         c = self.caches
-        rd, wr = self.mem.read_u64, self.mem.write_u64
-        ss_wr = wr if pe.ssade else None
+        mem = self.mem
+        rd, wr = mem.read_u64, mem.write_u64
+        ssade = pe.ssade
+        ss_wr = wr if ssade else None
         psc_ss = c.psc_ss if (c.psc_size and trace is None) else None
+        psc_fs = c.psc_fs if (c.psc_size and trace is None) else None
         limit = 9 * ss_levels + 12
-        geo, codes = self.ss_geo, self.ss_codes_sm
+        geo, codes, psc_limit = self.ss_geo, self.ss_codes_sm, c.psc_size
+        fast = trace is None and type(mem) is HostRAM and self.fast_walk
 
         def table_xlate(gpa: int, is_root: bool) -> tuple[int, int] | int:
             if gpa >> limit:
                 return _NESTED_BEYOND_SS
-            r = ss_walk(rd, ss_wr, ssptptr, ss_levels, gpa, READ, geo, codes, psc_ss, did, c.psc_size, trace)
+            if fast:
+                r = ss_walk_ram(mem, ssade, ssptptr, ss_levels, gpa, READ, geo, codes,  # type: ignore[arg-type]
+                                psc_ss, did, psc_limit)
+            else:
+                r = ss_walk(rd, ss_wr, ssptptr, ss_levels, gpa, READ, geo, codes, psc_ss, did, psc_limit, trace)
             if type(r) is int:
                 return (_NESTED_ROOT_DENIED if is_root else _NESTED_TABLE_DENIED) if r == _SM_SS_ENTRY_NP else r
             base, shift, perm = r  # type: ignore[misc]
             return (base | (gpa & ((1 << shift) - 1))) & ~0xFFF, perm
 
-        res = fs_walk(rd, wr, fsptptr, fs_levels, iova, req, self.fs_geo, flags,
-                      c.psc_fs if (c.psc_size and trace is None) else None, did << 20 | pasid, c.psc_size, trace,
-                      table_xlate)
+        if fast:
+            res = fs_walk_ram(mem, fsptptr, fs_levels, iova, req, self.fs_geo, flags,  # type: ignore[arg-type]
+                              psc_fs, did << 20 | pasid, psc_limit, table_xlate)
+        else:
+            res = fs_walk(rd, wr, fsptptr, fs_levels, iova, req, self.fs_geo, flags, psc_fs, did << 20 | pasid,
+                          psc_limit, trace, table_xlate)
         if type(res) is int:
             return res | fpd_info
         fs_base, fs_shift, fs_allowed_mask = res  # type: ignore[misc]
         gpa = fs_base | (iova & ((1 << fs_shift) - 1))
         if gpa >> limit:
             return _SM_BEYOND_SS_MAX | fpd_info
-        r2 = ss_walk(rd, ss_wr, ssptptr, ss_levels, gpa, req, geo, codes, psc_ss, did, c.psc_size, trace)
+        if fast:
+            r2 = ss_walk_ram(mem, ssade, ssptptr, ss_levels, gpa, req, geo, codes, psc_ss, did,  # type: ignore[arg-type]
+                             psc_limit)
+        else:
+            r2 = ss_walk(rd, ss_wr, ssptptr, ss_levels, gpa, req, geo, codes, psc_ss, did, psc_limit, trace)
         if type(r2) is int:
             return r2 | fpd_info
         ss_base, ss_shift, perm = r2  # type: ignore[misc]

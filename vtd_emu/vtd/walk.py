@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
+from ..memory import HostRAM
 from ..spec import specs
 from ..spec.consts import FR, FS_PDE_2M, FS_PTE, SS_PDE_2M, SS_PTE
 from .access import ALL_REQ, EXEC, PRIV, READ, REQ_SUP, REQ_USER, REQ_W, REQ_X, WRITE
@@ -116,6 +117,63 @@ def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, roo
             dirty = DIRTY_OK
             if touched is not None and wr is not None:
                 dirty = set_ad(wr, touched, SS_A, SS_D if req & WRITE else 0) and (e & SS_D or req & WRITE) and DIRTY_OK
+            return (e & geo.leaf_addr[lvl], shift, perm | dirty)
+        if e & rsvd_table[lvl]:
+            return codes[4]
+        table = e & ADDR_MASK
+        if psc is not None and psc_limit:
+            if len(psc) >= psc_limit:
+                psc.popitem(last=False)
+            psc[((psc_tag << 3 | lvl) << 56) | (iova >> shift)] = (table, perm)
+        lvl -= 1
+        shift -= 9
+
+
+def ss_walk_ram(mem: HostRAM, ad: bool, root: int, levels: int, iova: int, req: int, geo: Geometry,
+                codes: tuple[int, ...], psc: OrderedDict[int, tuple[int, int]] | None, psc_tag: int,
+                psc_limit: int) -> SsResult | int:
+    """:func:`ss_walk` over a :class:`HostRAM` with its reads inlined and no trace: the same result, cache
+    fills and writes (``ad``: A/D updates enabled).  The cached miss path's walker; ``ss_walk`` stays the
+    reference (``tests/test_speed_equivalence.py`` holds the two equal)."""
+    perm = 7
+    lvl = levels
+    table = root
+    if psc is not None:
+        for probe in range(2, levels + 1):
+            hit = psc.get(((psc_tag << 3 | probe) << 56) | (iova >> (3 + 9 * probe)))
+            if hit is not None:
+                table, perm = hit
+                lvl = probe - 1
+                break
+    rows, q = mem.qword_rows()
+    touched: list[tuple[int, int]] | None = [] if ad else None
+    need = req & 7
+    rsvd_table = geo.rsvd_table
+    shift = 3 + 9 * lvl
+    while True:
+        ea = table | (((iova >> shift) & 0x1FF) << 3)
+        row = rows(ea >> 12)
+        if row is not None:
+            e = q[(row << 9) | ((ea >> 3) & 511)]
+        else:
+            e = mem.read_u64(ea)
+            if e < 0:
+                return codes[0] if lvl == levels else codes[1]
+        p = e & 7
+        perm &= p
+        if (perm & need) != need or not p & 3:
+            if not p & 3 or need & 3 & ~perm:
+                return codes[3] if (req & WRITE and not perm & 2) else codes[2]
+            return codes[5]
+        if touched is not None:
+            touched.append((ea, e))
+        if lvl == 1 or (e & SS_PS and lvl <= 3):
+            if e & geo.rsvd_leaf[lvl] or not geo.large_ok[lvl]:
+                return codes[4]
+            dirty = DIRTY_OK
+            if touched is not None:
+                dirty = (set_ad(mem.write_u64, touched, SS_A, SS_D if req & WRITE else 0)
+                         and (e & SS_D or req & WRITE) and DIRTY_OK)
             return (e & geo.leaf_addr[lvl], shift, perm | dirty)
         if e & rsvd_table[lvl]:
             return codes[4]
@@ -245,6 +303,78 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
                 psc.popitem(last=False)
             psc[((psc_tag << 3 | lvl) << 56) | ((va >> (3 + 9 * lvl)) & ((1 << (54 - 9 * lvl)) - 1))] = (table, rw, us, xd)
         lvl -= 1
+
+
+def fs_walk_ram(mem: HostRAM, root: int, levels: int, va: int, req: int, geo: Geometry, flags: int,
+                psc: OrderedDict[int, tuple[int, int, int, int]] | None, psc_tag: int, psc_limit: int,
+                table_xlate: TableXlate | None = None) -> FsResult | int:
+    """:func:`fs_walk` over a :class:`HostRAM` with its reads inlined and no trace: the same result, cache
+    fills and A/D writes.  The cached miss path's walker; ``fs_walk`` stays the reference."""
+    rw, us, xd = 1, 1, 0
+    lvl = levels
+    table = root
+    if psc is not None:
+        for probe in range(2, levels + 1):
+            hit = psc.get(((psc_tag << 3 | probe) << 56) | ((va >> (3 + 9 * probe)) & ((1 << (54 - 9 * probe)) - 1)))
+            if hit is not None:
+                table, rw, us, xd = hit
+                lvl = probe - 1
+                break
+    rows, q = mem.qword_rows()
+    touched: list[tuple[int, int]] = []
+    acc = -1
+    ss_ro = False
+    rsvd_table = geo.rsvd_table
+    shift = 3 + 9 * lvl
+    while True:
+        if table_xlate is not None:
+            t = table_xlate(table, lvl == levels)
+            if type(t) is int:
+                return t  # type: ignore[return-value]
+            ea = t[0] | (((va >> shift) & 0x1FF) << 3)  # type: ignore[index]
+            if not t[1] & 2:  # type: ignore[index]
+                ss_ro = True
+        else:
+            ea = table | (((va >> shift) & 0x1FF) << 3)
+        row = rows(ea >> 12)
+        if row is not None:
+            e = q[(row << 9) | ((ea >> 3) & 511)]
+        else:
+            e = mem.read_u64(ea)
+            if e < 0:
+                return _FS_ROOT_READ_ERR if lvl == levels else _FS_READ_ERR
+        if not e & FS_P:
+            return _FS_ENTRY_P
+        touched.append((ea, e))
+        acc &= e
+        rw &= e >> FS_RW_LO
+        us &= e >> FS_US_LO
+        xd |= e >> FS_XD_LO
+        if lvl == 1 or (e & FS_PS and lvl <= 3):
+            if e & geo.rsvd_leaf[lvl] or not geo.large_ok[lvl]:
+                return _FS_ENTRY_RSVD
+            allowed = fs_allowed(rw, us, xd, True, flags)
+            if not (allowed >> req) & 1:
+                return fs_denied_code(req, rw, us, flags)
+            a_bit = FS_A | (FS_EA if flags & F_EAFE else 0)
+            d_bit = FS_D if req & WRITE else 0
+            if (acc & a_bit) != a_bit or (e & d_bit) != d_bit:
+                if ss_ro:
+                    return _NESTED_AD_DENIED
+                if not set_ad(mem.write_u64, touched, a_bit, d_bit):
+                    return _FS_AD_WRITE_FAIL
+            if not (e & FS_D or d_bit):
+                allowed &= ~REQ_W
+            return (e & geo.leaf_addr[lvl], shift, allowed)
+        if e & rsvd_table[lvl]:
+            return _FS_ENTRY_RSVD
+        table = e & ADDR_MASK
+        if psc is not None and psc_limit:
+            if len(psc) >= psc_limit:
+                psc.popitem(last=False)
+            psc[((psc_tag << 3 | lvl) << 56) | ((va >> shift) & ((1 << (54 - 9 * lvl)) - 1))] = (table, rw, us, xd)
+        lvl -= 1
+        shift -= 9
 
 
 def canonical(va: int, levels: int) -> bool:
