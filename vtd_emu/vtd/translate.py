@@ -19,8 +19,8 @@ from .entries import (CTX_LEGACY, DROPPED, FPD_SHIFT, INTR_HI, INTR_LO, KIND_NAM
 from .faults import reason_name
 from .lookup import StructureDecoder
 from .results import Fault, Translation, allowed_text, request_bits
-from .walk import (DIRTY_OK, F_ERE, F_SRE, SS_CODES_LEGACY, TraceEntry, canonical, fs_walk, fs_walk_ram, ss_walk,
-                   ss_walk_ram)
+from .walk import (DIRTY_OK, F_ERE, F_SRE, SS_CODES_LEGACY, FsFast, FsResult, SsFast, SsResult, TraceEntry, canonical, fs_fast_walker,
+                   fs_walk, fs_walk_ram, ss_fast_walker, ss_walk, ss_walk_ram)
 
 _SM_RTA_INV, _SM_RTA_LEGACY_PASID = FR.SM_RTA_INV, FR.SM_RTA_LEGACY_PASID
 _ADDR_BEYOND_MGAW, _INTERRUPT_ADDR, _SM_INTERRUPT_ADDR = FR.ADDR_BEYOND_MGAW, FR.INTERRUPT_ADDR, FR.SM_INTERRUPT_ADDR
@@ -46,9 +46,18 @@ class Translator(StructureDecoder):
     _front_get: Callable[[int], tuple[int, IotlbEntry] | None]
     """``caches.front.get``, bound once: the memo dict is only ever cleared, never replaced."""
     _last_entry: IotlbEntry | None
+    ss_fast: dict[int, SsFast]
+    """Generated second-stage walkers by levels (``walk.ss_fast_walker``), for walks without a
+    paging-structure cache."""
+    fs_fast: dict[int, FsFast]
     fast_walk: bool = True
     """Walk a :class:`HostRAM` with the inlined walkers (``walk.ss_walk_ram``/``fs_walk_ram``); False makes
     every walk take the reference walkers, which ``tests/test_speed_equivalence.py`` compares against."""
+
+    def compile_walkers(self) -> None:
+        """Generate the fast walkers for the geometries ``compile_config`` derived."""
+        self.ss_fast = {n: ss_fast_walker(n, self.ss_geo) for n in range(2, 6)}
+        self.fs_fast = {n: fs_fast_walker(n, self.fs_geo) for n in (4, 5)}
 
     # -- public ------------------------------------------------------------------------------------
     def translate(self, sid: int, iova: int, access: str | int = "r", pasid: int | None = None,
@@ -142,9 +151,15 @@ class Translator(StructureDecoder):
                 st.iotlb_misses += 1
                 st.walks += 1
             mem = self.mem
+            res: SsResult | FsResult | int | None = None
             if cached and type(mem) is HostRAM and self.fast_walk:
-                res = ss_walk_ram(mem, False, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY, psc_ss, did,
-                                  c.psc_size)
+                gen = self.ss_fast.get(levels)
+                if gen is not None and psc_ss is None:
+                    rows, qw = mem.qword_rows()
+                    res = gen(rows, qw, slptptr, iova, req, False)
+                if res is None:
+                    res = ss_walk_ram(mem, False, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY, psc_ss,
+                                      did, c.psc_size)
             else:
                 res = ss_walk(mem.read_u64, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY,
                               psc_ss, did, c.psc_size, trace)
@@ -190,7 +205,8 @@ class Translator(StructureDecoder):
             st.iotlb_misses += 1
             st.walks += 1
         mem = self.mem
-        fast = cached and type(mem) is HostRAM and self.fast_walk
+        ram = mem if cached and type(mem) is HostRAM and self.fast_walk else None
+        res = None
         if pgtt == PGTT_SS:
             if iova >> (self.mgaw + 1):
                 return _SM_BEYOND_HW_MAX | fpd_info
@@ -198,9 +214,14 @@ class Translator(StructureDecoder):
                 return _SM_BEYOND_SS_MAX | fpd_info
             if req & EXEC and not ssee:
                 return _SM_EXEC_DENIED | fpd_info
-            if fast:
-                res = ss_walk_ram(mem, ssade, ssptptr, ss_levels, iova, req, self.ss_geo,  # type: ignore[arg-type]
-                                  self.ss_codes_sm, psc_ss, did, c.psc_size)
+            if ram is not None:
+                gen = self.ss_fast.get(ss_levels)
+                if gen is not None and psc_ss is None:
+                    rows, qw = ram.qword_rows()
+                    res = gen(rows, qw, ssptptr, iova, req, ssade)
+                if res is None:
+                    res = ss_walk_ram(ram, ssade, ssptptr, ss_levels, iova, req, self.ss_geo, self.ss_codes_sm,
+                                      psc_ss, did, c.psc_size)
             else:
                 res = ss_walk(mem.read_u64, mem.write_u64 if ssade else None, ssptptr, ss_levels, iova, req,
                               self.ss_geo, self.ss_codes_sm, psc_ss, did, c.psc_size, trace)
@@ -218,9 +239,14 @@ class Translator(StructureDecoder):
             return _SM_NON_CANONICAL | fpd_info
         if pgtt == PGTT_FS:
             psc_fs = c.psc_fs if (cached and c.psc_size) else None
-            if fast:
-                res = fs_walk_ram(mem, fsptptr, fs_levels, iova, req, self.fs_geo, flags,  # type: ignore[arg-type]
-                                  psc_fs, did << 20 | pasid, c.psc_size)
+            if ram is not None:
+                fgen = self.fs_fast.get(fs_levels)
+                if fgen is not None and psc_fs is None:
+                    rows, qw = ram.qword_rows()
+                    res = fgen(rows, qw, fsptptr, iova, req, flags)
+                if res is None:
+                    res = fs_walk_ram(ram, fsptptr, fs_levels, iova, req, self.fs_geo, flags, psc_fs,
+                                      did << 20 | pasid, c.psc_size)
             else:
                 res = fs_walk(mem.read_u64, mem.write_u64, fsptptr, fs_levels, iova, req, self.fs_geo, flags, psc_fs,
                               did << 20 | pasid, c.psc_size, trace)

@@ -8,6 +8,7 @@ to see every entry).  Entry layouts come compiled from ``specs/structures.yaml``
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Callable
 
@@ -381,3 +382,110 @@ def canonical(va: int, levels: int) -> bool:
     """IA-32e canonical form: bits 63:47 (4-level) or 63:56 (5-level) all equal."""
     top = va >> (47 if levels == 4 else 56)
     return top == 0 or top == (1 << (17 if levels == 4 else 8)) - 1
+
+
+# -- generated walkers ---------------------------------------------------------------------------------
+# The cached miss path over a HostRAM walks with functions generated per (stage, levels, geometry): the
+# loop unrolled, every mask a literal, the entry checks of a level folded into one or two tests, and the
+# permission logic of the first stage a table lookup.  They only decide the *common* outcome: a leaf whose
+# walk needs no write (A/D bits already set) and faults nowhere.  For anything else they return None before
+# any side effect, and the caller walks again with the loop walkers above, which produce the fault, the
+# A/D writes or the cache fills exactly (tests/test_speed_equivalence.py holds the two paths equal).
+
+QwordRows = Callable[[int], "int | None"]
+SsFast = Callable[[QwordRows, memoryview, int, int, int, bool], "SsResult | None"]
+"""(rows, q, root, iova, req, ad) → the :func:`ss_walk` result, or None: walk with the loop walker."""
+FsFast = Callable[[QwordRows, memoryview, int, int, int, int], "FsResult | None"]
+"""(rows, q, root, va, req, flags) → the :func:`fs_walk` result, or None: walk with the loop walker."""
+
+_FS_ALLOWED = tuple(fs_allowed(i & 1, (i >> 1) & 1, (i >> 2) & 1, True, i >> 3) for i in range(64 * 8))
+"""fs_allowed(rw, us, xd, True, flags) at index flags << 3 | xd << 2 | us << 1 | rw."""
+
+
+def _read_lines(table: str, shift: int) -> list[str]:
+    return [f"    row = rows({table} >> 12)",
+            "    if row is None:",
+            "        return None",
+            f"    e = q[(row << 9) | ((va >> {shift}) & 511)]"]
+
+
+def _guard(test: str, rsvd: int, large_ok: bool) -> list[str]:
+    """A leaf's refusal: ``test``, reserved bits, or a leaf size the unit does not support."""
+    if not large_ok:
+        return ["        return None"]
+    tests = [t for t in (test, f"e & {rsvd:#x}" if rsvd else "") if t]
+    return [f"        if {' or '.join(tests)}:", "            return None"] if tests else []
+
+
+def _ss_source(levels: int, geo: Geometry) -> str:
+    out = ["def walk(rows, q, t, va, req, ad):"]
+    for lvl in range(levels, 0, -1):
+        out += _read_lines("t", 3 + 9 * lvl)
+        out.append("    acc = e" if lvl == levels else "    acc &= e")
+        leaf = _guard("not e & 3", geo.rsvd_leaf[lvl], geo.large_ok[lvl]) + [
+                "        if (acc & req & 7) != req & 7:",
+                "            return None",
+                "        if not ad:",
+                f"            return (e & {geo.leaf_addr[lvl]:#x}, {3 + 9 * lvl}, (acc & 7) | {DIRTY_OK})",
+                f"        if not acc & {SS_A} or (req & {WRITE} and not e & {SS_D}):",
+                "            return None",
+                f"        return (e & {geo.leaf_addr[lvl]:#x}, {3 + 9 * lvl}, "
+                f"(acc & 7) | ({DIRTY_OK} if e & {SS_D} or req & {WRITE} else 0))"]
+        if lvl == 1:
+            out.append("    if True:")
+            out += leaf
+            break
+        if lvl <= 3:
+            out.append(f"    if e & {SS_PS}:")
+            out += leaf
+        out += [f"    if not e & 3 or e & {geo.rsvd_table[lvl]:#x}:",
+                "        return None",
+                f"    t = e & {ADDR_MASK:#x}"]
+    return "\n".join(out) + "\n"
+
+
+def _fs_source(levels: int, geo: Geometry) -> str:
+    out = ["def walk(rows, q, t, va, req, flags):"]
+    for lvl in range(levels, 0, -1):
+        out += _read_lines("t", 3 + 9 * lvl)
+        out.append("    acc = orr = e" if lvl == levels else "    acc &= e\n    orr |= e")
+        leaf = _guard("", geo.rsvd_leaf[lvl], geo.large_ok[lvl]) + [
+                f"        allowed = ALLOWED[flags << 3 | (orr >> {FS_XD_LO - 2}) & 4 | (acc >> {FS_RW_LO}) & 3]",
+                "        if not (allowed >> req) & 1:",
+                "            return None",
+                f"        a_bit = {FS_A | FS_EA} if flags & {F_EAFE} else {FS_A}",
+                "        if acc & a_bit != a_bit:",
+                "            return None",
+                f"        if not e & {FS_D}:",
+                f"            if req & {WRITE}:",
+                "                return None",
+                f"            allowed &= {~REQ_W & ALL_REQ:#x}",
+                f"        return (e & {geo.leaf_addr[lvl]:#x}, {3 + 9 * lvl}, allowed)"]
+        if lvl == 1:
+            out += [f"    if not e & {FS_P}:", "        return None", "    if True:"]
+            out += leaf
+            break
+        if lvl <= 3:
+            out.append(f"    if e & {geo.rsvd_table[lvl] | FS_PS | FS_P:#x} != {FS_P}:")
+            out += [f"        if e & {FS_PS | FS_P} != {FS_PS | FS_P}:", "            return None"]
+            out += leaf
+        else:
+            out += [f"    if e & {geo.rsvd_table[lvl] | FS_P:#x} != {FS_P}:", "        return None"]
+        out.append(f"    t = e & {ADDR_MASK:#x}")
+    return "\n".join(out) + "\n"
+
+
+@lru_cache(maxsize=64)
+def ss_fast_walker(levels: int, geo: Geometry) -> SsFast:
+    """The generated second-stage walker of ``levels`` levels under ``geo`` (see above)."""
+    scope: dict[str, object] = {}
+    exec(compile(_ss_source(levels, geo), f"<ss_fast_walker {levels}>", "exec"), scope)
+    return scope["walk"]  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=64)
+def fs_fast_walker(levels: int, geo: Geometry) -> FsFast:
+    """The generated first-stage walker of ``levels`` levels under ``geo`` (see above)."""
+    scope: dict[str, object] = {"ALLOWED": _FS_ALLOWED}
+    exec(compile(_fs_source(levels, geo), f"<fs_fast_walker {levels}>", "exec"), scope)
+    return scope["walk"]  # type: ignore[return-value]
