@@ -32,6 +32,23 @@ _NESTED_TABLE_DENIED = FR.SM_NESTED_FS_TABLE_SS_DENIED
 _FPD_BIT = 1 << FPD_SHIFT
 
 _new_entry = object.__new__
+_new_tuple = tuple.__new__
+
+_PLAIN_REQ = {"r": READ, "w": WRITE, "rw": READ | WRITE, "wr": READ | WRITE, "R": READ, "W": WRITE,
+              "RW": READ | WRITE}
+"""request_bits of the common ``access`` strings of requests without PASID, PRIV or EXEC."""
+
+_DESCRIPTIONS: dict[int, tuple[int, str, str]] = {}
+"""(page size, perms text, kind name) of a Translation by (allowed, kind, shift), built once each."""
+
+
+def _describe(e: IotlbEntry) -> tuple[int, str, str]:
+    key = (e.allowed << 8) | (e.kind << 6) | e.shift
+    d = _DESCRIPTIONS.get(key)
+    if d is None:
+        d = _DESCRIPTIONS[key] = (1 << e.shift, allowed_text(e.allowed), KIND_NAMES[e.kind])
+    return d
+
 
 # IOTLB probes (size index, page mask) for each set of page sizes the IOTLB may hold (Caches.sizes_held)
 _PROBES = [tuple((i, ~((1 << (12 + 9 * i)) - 1)) for i in range(4) if held >> i & 1) for held in range(16)]
@@ -50,6 +67,8 @@ class Translator(StructureDecoder):
     """Generated second-stage walkers by levels (``walk.ss_fast_walker``), for walks without a
     paging-structure cache."""
     fs_fast: dict[int, FsFast]
+    sanitizing: bool = False
+    """Set by ``enable_sanitizer``: every translation, hits included, goes through the sanitizer's xlate."""
     fast_walk: bool = True
     """Walk a :class:`HostRAM` with the inlined walkers (``walk.ss_walk_ram``/``fs_walk_ram``); False makes
     every walk take the reference walkers, which ``tests/test_speed_equivalence.py`` compares against."""
@@ -65,16 +84,25 @@ class Translator(StructureDecoder):
         """Translate one address as a DMA request would, updating caches and recording any fault.
 
         ``access`` is ``"r"``, ``"w"``, ``"rw"`` (AtomicOp) or the int bits READ=1 | WRITE=2."""
-        req = request_bits(access, priv, exe, pasid)
+        req = _PLAIN_REQ.get(access) if not (priv or exe) and type(access) is str else None
+        if req is None or (pasid is not None and not 0 <= pasid < NO_PASID):
+            req = request_bits(access, priv, exe, pasid)
         ptag = NO_PASID if pasid is None else pasid
+        # The front-memo probe of xlate, inlined: a hit then needs no second probe to find its entry.
+        hit = self._front_get((((sid << 21) | ptag) << 52) | (iova >> 12))
+        if hit is not None and not self.sanitizing:
+            e = hit[1]
+            if e.alive and (e.allowed >> req) & 1:
+                d = _DESCRIPTIONS.get((e.allowed << 8) | (e.kind << 6) | e.shift)
+                return _new_tuple(Translation, (hit[0] | (iova & 0xFFF),) + (d or _describe(e)))
         before = self.faults.recorded
         self._last_entry = None
         out = self.xlate(sid, ptag, iova, req)
         if out >= 0:
-            e = self._last_entry or self.front_entry(sid, ptag, iova)
-            if e is None:  # translation disabled, or a pass-through bypass
+            filled = self._last_entry or self.front_entry(sid, ptag, iova)
+            if filled is None:  # translation disabled, or a pass-through bypass
                 return Translation(out, 4096, describe(req & 3), "untranslated")
-            return Translation(out, 1 << e.shift, allowed_text(e.allowed), KIND_NAMES[e.kind])
+            return _new_tuple(Translation, (out,) + _describe(filled))
         reason = -out if out != DROPPED else 0
         return Fault(reason, reason_name(reason) if reason else "DROPPED", iova, self.faults.recorded > before)
 
