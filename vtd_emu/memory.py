@@ -120,6 +120,13 @@ class HostRAM:
         return iter(sorted(self._rows))
 
     # -- scalar access ---------------------------------------------------------------------------
+    def qword_rows(self) -> tuple[Callable[[int], int | None], memoryview]:
+        """(pfn → row ``get``, the pool as u64s): the walkers' inlined ``read_u64`` of an aligned address
+        ``a`` is ``q[(row << 9) | ((a >> 3) & 511)]`` when ``row = get(a >> 12)`` is not None (otherwise
+        they call ``read_u64``).  Valid until a page is added: take it again after any write to a page
+        never written before."""
+        return self._rows.get, self._q
+
     def read_u64(self, addr: int) -> int:
         """The little-endian u64 at ``addr``, 0 if never written, :data:`NO_MEMORY` if not memory."""
         if addr & 7 == 0:

@@ -67,6 +67,7 @@ class VtdIommu(RegisterControl, Inspector, DmaPort):
         self._last_entry = None
         self._iva = 0
         self.compile_config()
+        self.compile_walkers()
         self.te = False
         self.root_addr = 0
         self.root_scalable = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..memory import HostRAM
 from ..spec.consts import FR
 from .access import EXEC, NO_PASID, PRIV, READ, REQ_W, REQ_X, WRITE, describe, ss_allowed
 from .caches import iotlb_key
@@ -18,7 +19,8 @@ from .entries import (CTX_LEGACY, DROPPED, FPD_SHIFT, INTR_HI, INTR_LO, KIND_NAM
 from .faults import reason_name
 from .lookup import StructureDecoder
 from .results import Fault, Translation, allowed_text, request_bits
-from .walk import DIRTY_OK, F_ERE, F_SRE, SS_CODES_LEGACY, TraceEntry, canonical, fs_walk, ss_walk
+from .walk import (DIRTY_OK, F_ERE, F_SRE, SS_CODES_LEGACY, FsFast, FsResult, SsFast, SsResult, TraceEntry, canonical, fs_fast_walker,
+                   fs_walk, fs_walk_ram, ss_fast_walker, ss_walk, ss_walk_ram)
 
 _SM_RTA_INV, _SM_RTA_LEGACY_PASID = FR.SM_RTA_INV, FR.SM_RTA_LEGACY_PASID
 _ADDR_BEYOND_MGAW, _INTERRUPT_ADDR, _SM_INTERRUPT_ADDR = FR.ADDR_BEYOND_MGAW, FR.INTERRUPT_ADDR, FR.SM_INTERRUPT_ADDR
@@ -30,6 +32,25 @@ _NESTED_TABLE_DENIED = FR.SM_NESTED_FS_TABLE_SS_DENIED
 _FPD_BIT = 1 << FPD_SHIFT
 
 _new_entry = object.__new__
+_new_tuple = tuple.__new__
+_SS_ALLOWED = tuple(ss_allowed(perm) for perm in range(8))
+"""ss_allowed by second-stage permission bits (R=1, W=2, X=4), looked up instead of called per walk."""
+
+_PLAIN_REQ = {"r": READ, "w": WRITE, "rw": READ | WRITE, "wr": READ | WRITE, "R": READ, "W": WRITE,
+              "RW": READ | WRITE}
+"""request_bits of the common ``access`` strings of requests without PASID, PRIV or EXEC."""
+
+_DESCRIPTIONS: dict[int, tuple[int, str, str]] = {}
+"""(page size, perms text, kind name) of a Translation by (allowed, kind, shift), built once each."""
+
+
+def _describe(e: IotlbEntry) -> tuple[int, str, str]:
+    key = (e.allowed << 8) | (e.kind << 6) | e.shift
+    d = _DESCRIPTIONS.get(key)
+    if d is None:
+        d = _DESCRIPTIONS[key] = (1 << e.shift, allowed_text(e.allowed), KIND_NAMES[e.kind])
+    return d
+
 
 # IOTLB probes (size index, page mask) for each set of page sizes the IOTLB may hold (Caches.sizes_held)
 _PROBES = [tuple((i, ~((1 << (12 + 9 * i)) - 1)) for i in range(4) if held >> i & 1) for held in range(16)]
@@ -44,6 +65,20 @@ class Translator(StructureDecoder):
     _front_get: Callable[[int], tuple[int, IotlbEntry] | None]
     """``caches.front.get``, bound once: the memo dict is only ever cleared, never replaced."""
     _last_entry: IotlbEntry | None
+    ss_fast: dict[int, SsFast]
+    """Generated second-stage walkers by levels (``walk.ss_fast_walker``), for walks without a
+    paging-structure cache."""
+    fs_fast: dict[int, FsFast]
+    sanitizing: bool = False
+    """Set by ``enable_sanitizer``: every translation, hits included, goes through the sanitizer's xlate."""
+    fast_walk: bool = True
+    """Walk a :class:`HostRAM` with the inlined walkers (``walk.ss_walk_ram``/``fs_walk_ram``); False makes
+    every walk take the reference walkers, which ``tests/test_speed_equivalence.py`` compares against."""
+
+    def compile_walkers(self) -> None:
+        """Generate the fast walkers for the geometries ``compile_config`` derived."""
+        self.ss_fast = {n: ss_fast_walker(n, self.ss_geo) for n in range(2, 6)}
+        self.fs_fast = {n: fs_fast_walker(n, self.fs_geo) for n in (4, 5)}
 
     # -- public ------------------------------------------------------------------------------------
     def translate(self, sid: int, iova: int, access: str | int = "r", pasid: int | None = None,
@@ -51,16 +86,25 @@ class Translator(StructureDecoder):
         """Translate one address as a DMA request would, updating caches and recording any fault.
 
         ``access`` is ``"r"``, ``"w"``, ``"rw"`` (AtomicOp) or the int bits READ=1 | WRITE=2."""
-        req = request_bits(access, priv, exe, pasid)
+        req = _PLAIN_REQ.get(access) if not (priv or exe) and type(access) is str else None
+        if req is None or (pasid is not None and not 0 <= pasid < NO_PASID):
+            req = request_bits(access, priv, exe, pasid)
         ptag = NO_PASID if pasid is None else pasid
+        # The front-memo probe of xlate, inlined: a hit then needs no second probe to find its entry.
+        hit = self._front_get((((sid << 21) | ptag) << 52) | (iova >> 12))
+        if hit is not None and not self.sanitizing:
+            e = hit[1]
+            if e.alive and (e.allowed >> req) & 1:
+                d = _DESCRIPTIONS.get((e.allowed << 8) | (e.kind << 6) | e.shift)
+                return _new_tuple(Translation, (hit[0] | (iova & 0xFFF),) + (d or _describe(e)))
         before = self.faults.recorded
         self._last_entry = None
         out = self.xlate(sid, ptag, iova, req)
         if out >= 0:
-            e = self._last_entry or self.front_entry(sid, ptag, iova)
-            if e is None:  # translation disabled, or a pass-through bypass
+            filled = self._last_entry or self.front_entry(sid, ptag, iova)
+            if filled is None:  # translation disabled, or a pass-through bypass
                 return Translation(out, 4096, describe(req & 3), "untranslated")
-            return Translation(out, 1 << e.shift, allowed_text(e.allowed), KIND_NAMES[e.kind])
+            return _new_tuple(Translation, (out,) + _describe(filled))
         reason = -out if out != DROPPED else 0
         return Fault(reason, reason_name(reason) if reason else "DROPPED", iova, self.faults.recorded > before)
 
@@ -136,12 +180,23 @@ class Translator(StructureDecoder):
             if cached:
                 st.iotlb_misses += 1
                 st.walks += 1
-            res = ss_walk(self.mem.read_u64, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY,
-                          psc_ss, did, c.psc_size, trace)
+            mem = self.mem
+            res: SsResult | FsResult | int | None = None
+            if cached and type(mem) is HostRAM and self.fast_walk:
+                gen = self.ss_fast.get(levels)
+                if gen is not None and psc_ss is None:
+                    rows, qw = mem.qword_rows()
+                    res = gen(rows, qw, slptptr, iova, req, False)
+                if res is None:
+                    res = ss_walk_ram(mem, False, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY, psc_ss,
+                                      did, c.psc_size)
+            else:
+                res = ss_walk(mem.read_u64, None, slptptr, levels, iova, req, self.ss_geo, SS_CODES_LEGACY,
+                              psc_ss, did, c.psc_size, trace)
             if type(res) is int:
                 return res | finfo
             base, shift, perm = res  # type: ignore[misc]
-            return self.fill(tag, 0, did, KIND_SS, iova, base, shift, ss_allowed(perm & 7), finfo, False, cached)
+            return self.fill(tag, 0, did, KIND_SS, iova, base, shift, _SS_ALLOWED[perm & 7], finfo, False, cached)
         # scalable mode
         _, cfpd, pdir, pdts, rid_pasid, pre, paside, dte, rid_priv = ctx  # type: ignore[misc]
         if ptag == NO_PASID:
@@ -179,8 +234,9 @@ class Translator(StructureDecoder):
         if cached:
             st.iotlb_misses += 1
             st.walks += 1
-        rd = self.mem.read_u64
-        wr = self.mem.write_u64
+        mem = self.mem
+        ram = mem if cached and type(mem) is HostRAM and self.fast_walk else None
+        res = None
         if pgtt == PGTT_SS:
             if iova >> (self.mgaw + 1):
                 return _SM_BEYOND_HW_MAX | fpd_info
@@ -188,12 +244,21 @@ class Translator(StructureDecoder):
                 return _SM_BEYOND_SS_MAX | fpd_info
             if req & EXEC and not ssee:
                 return _SM_EXEC_DENIED | fpd_info
-            res = ss_walk(rd, wr if ssade else None, ssptptr, ss_levels, iova, req, self.ss_geo, self.ss_codes_sm,
-                          psc_ss, did, c.psc_size, trace)
+            if ram is not None:
+                gen = self.ss_fast.get(ss_levels)
+                if gen is not None and psc_ss is None:
+                    rows, qw = ram.qword_rows()
+                    res = gen(rows, qw, ssptptr, iova, req, ssade)
+                if res is None:
+                    res = ss_walk_ram(ram, ssade, ssptptr, ss_levels, iova, req, self.ss_geo, self.ss_codes_sm,
+                                      psc_ss, did, c.psc_size)
+            else:
+                res = ss_walk(mem.read_u64, mem.write_u64 if ssade else None, ssptptr, ss_levels, iova, req,
+                              self.ss_geo, self.ss_codes_sm, psc_ss, did, c.psc_size, trace)
             if type(res) is int:
                 return res | fpd_info
             base, shift, perm = res  # type: ignore[misc]
-            allowed = ss_allowed(perm & 7)
+            allowed = _SS_ALLOWED[perm & 7]
             if not ssee:
                 allowed &= ~REQ_X  # execute needs SSEE whatever the X bits say
             if not perm & DIRTY_OK:
@@ -203,8 +268,18 @@ class Translator(StructureDecoder):
         if not canonical(iova, fs_levels):
             return _SM_NON_CANONICAL | fpd_info
         if pgtt == PGTT_FS:
-            res = fs_walk(rd, wr, fsptptr, fs_levels, iova, req, self.fs_geo, flags,
-                          c.psc_fs if (cached and c.psc_size) else None, did << 20 | pasid, c.psc_size, trace)
+            psc_fs = c.psc_fs if (cached and c.psc_size) else None
+            if ram is not None:
+                fgen = self.fs_fast.get(fs_levels)
+                if fgen is not None and psc_fs is None:
+                    rows, qw = ram.qword_rows()
+                    res = fgen(rows, qw, fsptptr, iova, req, flags)
+                if res is None:
+                    res = fs_walk_ram(ram, fsptptr, fs_levels, iova, req, self.fs_geo, flags, psc_fs,
+                                      did << 20 | pasid, c.psc_size)
+            else:
+                res = fs_walk(mem.read_u64, mem.write_u64, fsptptr, fs_levels, iova, req, self.fs_geo, flags, psc_fs,
+                              did << 20 | pasid, c.psc_size, trace)
             if type(res) is int:
                 return res | fpd_info
             base, shift, allowed = res  # type: ignore[misc]
@@ -215,37 +290,52 @@ class Translator(StructureDecoder):
                 trace: list[TraceEntry] | None) -> Lookup:
         ss_levels, ssptptr, fs_levels, fsptptr, flags = pe.ss_levels, pe.ssptptr, pe.fs_levels, pe.fsptptr, pe.flags
         c = self.caches
-        rd, wr = self.mem.read_u64, self.mem.write_u64
-        ss_wr = wr if pe.ssade else None
+        mem = self.mem
+        rd, wr = mem.read_u64, mem.write_u64
+        ssade = pe.ssade
+        ss_wr = wr if ssade else None
         psc_ss = c.psc_ss if (c.psc_size and trace is None) else None
+        psc_fs = c.psc_fs if (c.psc_size and trace is None) else None
         limit = 9 * ss_levels + 12
-        geo, codes = self.ss_geo, self.ss_codes_sm
+        geo, codes, psc_limit = self.ss_geo, self.ss_codes_sm, c.psc_size
+        fast = trace is None and type(mem) is HostRAM and self.fast_walk
 
         def table_xlate(gpa: int, is_root: bool) -> tuple[int, int] | int:
             if gpa >> limit:
                 return _NESTED_BEYOND_SS
-            r = ss_walk(rd, ss_wr, ssptptr, ss_levels, gpa, READ, geo, codes, psc_ss, did, c.psc_size, trace)
+            if fast:
+                r = ss_walk_ram(mem, ssade, ssptptr, ss_levels, gpa, READ, geo, codes,  # type: ignore[arg-type]
+                                psc_ss, did, psc_limit)
+            else:
+                r = ss_walk(rd, ss_wr, ssptptr, ss_levels, gpa, READ, geo, codes, psc_ss, did, psc_limit, trace)
             if type(r) is int:
                 return (_NESTED_ROOT_DENIED if is_root else _NESTED_TABLE_DENIED) if r == _SM_SS_ENTRY_NP else r
             base, shift, perm = r  # type: ignore[misc]
             return (base | (gpa & ((1 << shift) - 1))) & ~0xFFF, perm
 
-        res = fs_walk(rd, wr, fsptptr, fs_levels, iova, req, self.fs_geo, flags,
-                      c.psc_fs if (c.psc_size and trace is None) else None, did << 20 | pasid, c.psc_size, trace,
-                      table_xlate)
+        if fast:
+            res = fs_walk_ram(mem, fsptptr, fs_levels, iova, req, self.fs_geo, flags,  # type: ignore[arg-type]
+                              psc_fs, did << 20 | pasid, psc_limit, table_xlate)
+        else:
+            res = fs_walk(rd, wr, fsptptr, fs_levels, iova, req, self.fs_geo, flags, psc_fs, did << 20 | pasid,
+                          psc_limit, trace, table_xlate)
         if type(res) is int:
             return res | fpd_info
         fs_base, fs_shift, fs_allowed_mask = res  # type: ignore[misc]
         gpa = fs_base | (iova & ((1 << fs_shift) - 1))
         if gpa >> limit:
             return _SM_BEYOND_SS_MAX | fpd_info
-        r2 = ss_walk(rd, ss_wr, ssptptr, ss_levels, gpa, req, geo, codes, psc_ss, did, c.psc_size, trace)
+        if fast:
+            r2 = ss_walk_ram(mem, ssade, ssptptr, ss_levels, gpa, req, geo, codes, psc_ss, did,  # type: ignore[arg-type]
+                             psc_limit)
+        else:
+            r2 = ss_walk(rd, ss_wr, ssptptr, ss_levels, gpa, req, geo, codes, psc_ss, did, psc_limit, trace)
         if type(r2) is int:
             return r2 | fpd_info
         ss_base, ss_shift, perm = r2  # type: ignore[misc]
         shift = min(fs_shift, ss_shift)
         hpa = ss_base | (gpa & ((1 << ss_shift) - 1))
-        allowed = fs_allowed_mask & ss_allowed(perm & 7)
+        allowed = fs_allowed_mask & _SS_ALLOWED[perm & 7]
         if not perm & DIRTY_OK:
             allowed &= ~REQ_W
         base = hpa & ~((1 << shift) - 1)

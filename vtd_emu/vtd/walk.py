@@ -8,9 +8,11 @@ to see every entry).  Entry layouts come compiled from ``specs/structures.yaml``
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Callable
 
+from ..memory import HostRAM
 from ..spec import specs
 from ..spec.consts import FR, FS_PDE_2M, FS_PTE, SS_PDE_2M, SS_PTE
 from .access import ALL_REQ, EXEC, PRIV, READ, REQ_SUP, REQ_USER, REQ_W, REQ_X, WRITE
@@ -116,6 +118,63 @@ def ss_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool] | None, roo
             dirty = DIRTY_OK
             if touched is not None and wr is not None:
                 dirty = set_ad(wr, touched, SS_A, SS_D if req & WRITE else 0) and (e & SS_D or req & WRITE) and DIRTY_OK
+            return (e & geo.leaf_addr[lvl], shift, perm | dirty)
+        if e & rsvd_table[lvl]:
+            return codes[4]
+        table = e & ADDR_MASK
+        if psc is not None and psc_limit:
+            if len(psc) >= psc_limit:
+                psc.popitem(last=False)
+            psc[((psc_tag << 3 | lvl) << 56) | (iova >> shift)] = (table, perm)
+        lvl -= 1
+        shift -= 9
+
+
+def ss_walk_ram(mem: HostRAM, ad: bool, root: int, levels: int, iova: int, req: int, geo: Geometry,
+                codes: tuple[int, ...], psc: OrderedDict[int, tuple[int, int]] | None, psc_tag: int,
+                psc_limit: int) -> SsResult | int:
+    """:func:`ss_walk` over a :class:`HostRAM` with its reads inlined and no trace: the same result, cache
+    fills and writes (``ad``: A/D updates enabled).  The cached miss path's walker; ``ss_walk`` stays the
+    reference (``tests/test_speed_equivalence.py`` holds the two equal)."""
+    perm = 7
+    lvl = levels
+    table = root
+    if psc is not None:
+        for probe in range(2, levels + 1):
+            hit = psc.get(((psc_tag << 3 | probe) << 56) | (iova >> (3 + 9 * probe)))
+            if hit is not None:
+                table, perm = hit
+                lvl = probe - 1
+                break
+    rows, q = mem.qword_rows()
+    touched: list[tuple[int, int]] | None = [] if ad else None
+    need = req & 7
+    rsvd_table = geo.rsvd_table
+    shift = 3 + 9 * lvl
+    while True:
+        ea = table | (((iova >> shift) & 0x1FF) << 3)
+        row = rows(ea >> 12)
+        if row is not None:
+            e = q[(row << 9) | ((ea >> 3) & 511)]
+        else:
+            e = mem.read_u64(ea)
+            if e < 0:
+                return codes[0] if lvl == levels else codes[1]
+        p = e & 7
+        perm &= p
+        if (perm & need) != need or not p & 3:
+            if not p & 3 or need & 3 & ~perm:
+                return codes[3] if (req & WRITE and not perm & 2) else codes[2]
+            return codes[5]
+        if touched is not None:
+            touched.append((ea, e))
+        if lvl == 1 or (e & SS_PS and lvl <= 3):
+            if e & geo.rsvd_leaf[lvl] or not geo.large_ok[lvl]:
+                return codes[4]
+            dirty = DIRTY_OK
+            if touched is not None:
+                dirty = (set_ad(mem.write_u64, touched, SS_A, SS_D if req & WRITE else 0)
+                         and (e & SS_D or req & WRITE) and DIRTY_OK)
             return (e & geo.leaf_addr[lvl], shift, perm | dirty)
         if e & rsvd_table[lvl]:
             return codes[4]
@@ -247,7 +306,186 @@ def fs_walk(rd: Callable[[int], int], wr: Callable[[int, int], bool], root: int,
         lvl -= 1
 
 
+def fs_walk_ram(mem: HostRAM, root: int, levels: int, va: int, req: int, geo: Geometry, flags: int,
+                psc: OrderedDict[int, tuple[int, int, int, int]] | None, psc_tag: int, psc_limit: int,
+                table_xlate: TableXlate | None = None) -> FsResult | int:
+    """:func:`fs_walk` over a :class:`HostRAM` with its reads inlined and no trace: the same result, cache
+    fills and A/D writes.  The cached miss path's walker; ``fs_walk`` stays the reference."""
+    rw, us, xd = 1, 1, 0
+    lvl = levels
+    table = root
+    if psc is not None:
+        for probe in range(2, levels + 1):
+            hit = psc.get(((psc_tag << 3 | probe) << 56) | ((va >> (3 + 9 * probe)) & ((1 << (54 - 9 * probe)) - 1)))
+            if hit is not None:
+                table, rw, us, xd = hit
+                lvl = probe - 1
+                break
+    rows, q = mem.qword_rows()
+    touched: list[tuple[int, int]] = []
+    acc = -1
+    ss_ro = False
+    rsvd_table = geo.rsvd_table
+    shift = 3 + 9 * lvl
+    while True:
+        if table_xlate is not None:
+            t = table_xlate(table, lvl == levels)
+            if type(t) is int:
+                return t  # type: ignore[return-value]
+            ea = t[0] | (((va >> shift) & 0x1FF) << 3)  # type: ignore[index]
+            if not t[1] & 2:  # type: ignore[index]
+                ss_ro = True
+        else:
+            ea = table | (((va >> shift) & 0x1FF) << 3)
+        row = rows(ea >> 12)
+        if row is not None:
+            e = q[(row << 9) | ((ea >> 3) & 511)]
+        else:
+            e = mem.read_u64(ea)
+            if e < 0:
+                return _FS_ROOT_READ_ERR if lvl == levels else _FS_READ_ERR
+        if not e & FS_P:
+            return _FS_ENTRY_P
+        touched.append((ea, e))
+        acc &= e
+        rw &= e >> FS_RW_LO
+        us &= e >> FS_US_LO
+        xd |= e >> FS_XD_LO
+        if lvl == 1 or (e & FS_PS and lvl <= 3):
+            if e & geo.rsvd_leaf[lvl] or not geo.large_ok[lvl]:
+                return _FS_ENTRY_RSVD
+            allowed = fs_allowed(rw, us, xd, True, flags)
+            if not (allowed >> req) & 1:
+                return fs_denied_code(req, rw, us, flags)
+            a_bit = FS_A | (FS_EA if flags & F_EAFE else 0)
+            d_bit = FS_D if req & WRITE else 0
+            if (acc & a_bit) != a_bit or (e & d_bit) != d_bit:
+                if ss_ro:
+                    return _NESTED_AD_DENIED
+                if not set_ad(mem.write_u64, touched, a_bit, d_bit):
+                    return _FS_AD_WRITE_FAIL
+            if not (e & FS_D or d_bit):
+                allowed &= ~REQ_W
+            return (e & geo.leaf_addr[lvl], shift, allowed)
+        if e & rsvd_table[lvl]:
+            return _FS_ENTRY_RSVD
+        table = e & ADDR_MASK
+        if psc is not None and psc_limit:
+            if len(psc) >= psc_limit:
+                psc.popitem(last=False)
+            psc[((psc_tag << 3 | lvl) << 56) | ((va >> shift) & ((1 << (54 - 9 * lvl)) - 1))] = (table, rw, us, xd)
+        lvl -= 1
+        shift -= 9
+
+
 def canonical(va: int, levels: int) -> bool:
     """IA-32e canonical form: bits 63:47 (4-level) or 63:56 (5-level) all equal."""
     top = va >> (47 if levels == 4 else 56)
     return top == 0 or top == (1 << (17 if levels == 4 else 8)) - 1
+
+
+# -- generated walkers ---------------------------------------------------------------------------------
+# The cached miss path over a HostRAM walks with functions generated per (stage, levels, geometry): the
+# loop unrolled, every mask a literal, the entry checks of a level folded into one or two tests, and the
+# permission logic of the first stage a table lookup.  They only decide the *common* outcome: a leaf whose
+# walk needs no write (A/D bits already set) and faults nowhere.  For anything else they return None before
+# any side effect, and the caller walks again with the loop walkers above, which produce the fault, the
+# A/D writes or the cache fills exactly (tests/test_speed_equivalence.py holds the two paths equal).
+
+QwordRows = Callable[[int], "int | None"]
+SsFast = Callable[[QwordRows, memoryview, int, int, int, bool], "SsResult | None"]
+"""(rows, q, root, iova, req, ad) → the :func:`ss_walk` result, or None: walk with the loop walker."""
+FsFast = Callable[[QwordRows, memoryview, int, int, int, int], "FsResult | None"]
+"""(rows, q, root, va, req, flags) → the :func:`fs_walk` result, or None: walk with the loop walker."""
+
+_FS_ALLOWED = tuple(fs_allowed(i & 1, (i >> 1) & 1, (i >> 2) & 1, True, i >> 3) for i in range(64 * 8))
+"""fs_allowed(rw, us, xd, True, flags) at index flags << 3 | xd << 2 | us << 1 | rw."""
+
+
+def _read_lines(table: str, shift: int) -> list[str]:
+    return [f"    row = rows({table} >> 12)",
+            "    if row is None:",
+            "        return None",
+            f"    e = q[(row << 9) | ((va >> {shift}) & 511)]"]
+
+
+def _guard(test: str, rsvd: int, large_ok: bool) -> list[str]:
+    """A leaf's refusal: ``test``, reserved bits, or a leaf size the unit does not support."""
+    if not large_ok:
+        return ["        return None"]
+    tests = [t for t in (test, f"e & {rsvd:#x}" if rsvd else "") if t]
+    return [f"        if {' or '.join(tests)}:", "            return None"] if tests else []
+
+
+def _ss_source(levels: int, geo: Geometry) -> str:
+    out = ["def walk(rows, q, t, va, req, ad):"]
+    for lvl in range(levels, 0, -1):
+        out += _read_lines("t", 3 + 9 * lvl)
+        out.append("    acc = e" if lvl == levels else "    acc &= e")
+        leaf = _guard("not e & 3", geo.rsvd_leaf[lvl], geo.large_ok[lvl]) + [
+                "        if (acc & req & 7) != req & 7:",
+                "            return None",
+                "        if not ad:",
+                f"            return (e & {geo.leaf_addr[lvl]:#x}, {3 + 9 * lvl}, (acc & 7) | {DIRTY_OK})",
+                f"        if not acc & {SS_A} or (req & {WRITE} and not e & {SS_D}):",
+                "            return None",
+                f"        return (e & {geo.leaf_addr[lvl]:#x}, {3 + 9 * lvl}, "
+                f"(acc & 7) | ({DIRTY_OK} if e & {SS_D} or req & {WRITE} else 0))"]
+        if lvl == 1:
+            out.append("    if True:")
+            out += leaf
+            break
+        if lvl <= 3:
+            out.append(f"    if e & {SS_PS}:")
+            out += leaf
+        out += [f"    if not e & 3 or e & {geo.rsvd_table[lvl]:#x}:",
+                "        return None",
+                f"    t = e & {ADDR_MASK:#x}"]
+    return "\n".join(out) + "\n"
+
+
+def _fs_source(levels: int, geo: Geometry) -> str:
+    out = ["def walk(rows, q, t, va, req, flags):"]
+    for lvl in range(levels, 0, -1):
+        out += _read_lines("t", 3 + 9 * lvl)
+        out.append("    acc = orr = e" if lvl == levels else "    acc &= e\n    orr |= e")
+        leaf = _guard("", geo.rsvd_leaf[lvl], geo.large_ok[lvl]) + [
+                f"        allowed = ALLOWED[flags << 3 | (orr >> {FS_XD_LO - 2}) & 4 | (acc >> {FS_RW_LO}) & 3]",
+                "        if not (allowed >> req) & 1:",
+                "            return None",
+                f"        a_bit = {FS_A | FS_EA} if flags & {F_EAFE} else {FS_A}",
+                "        if acc & a_bit != a_bit:",
+                "            return None",
+                f"        if not e & {FS_D}:",
+                f"            if req & {WRITE}:",
+                "                return None",
+                f"            allowed &= {~REQ_W & ALL_REQ:#x}",
+                f"        return (e & {geo.leaf_addr[lvl]:#x}, {3 + 9 * lvl}, allowed)"]
+        if lvl == 1:
+            out += [f"    if not e & {FS_P}:", "        return None", "    if True:"]
+            out += leaf
+            break
+        if lvl <= 3:
+            out.append(f"    if e & {geo.rsvd_table[lvl] | FS_PS | FS_P:#x} != {FS_P}:")
+            out += [f"        if e & {FS_PS | FS_P} != {FS_PS | FS_P}:", "            return None"]
+            out += leaf
+        else:
+            out += [f"    if e & {geo.rsvd_table[lvl] | FS_P:#x} != {FS_P}:", "        return None"]
+        out.append(f"    t = e & {ADDR_MASK:#x}")
+    return "\n".join(out) + "\n"
+
+
+@lru_cache(maxsize=64)
+def ss_fast_walker(levels: int, geo: Geometry) -> SsFast:
+    """The generated second-stage walker of ``levels`` levels under ``geo`` (see above)."""
+    scope: dict[str, object] = {}
+    exec(compile(_ss_source(levels, geo), f"<ss_fast_walker {levels}>", "exec"), scope)
+    return scope["walk"]  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=64)
+def fs_fast_walker(levels: int, geo: Geometry) -> FsFast:
+    """The generated first-stage walker of ``levels`` levels under ``geo`` (see above)."""
+    scope: dict[str, object] = {"ALLOWED": _FS_ALLOWED}
+    exec(compile(_fs_source(levels, geo), f"<fs_fast_walker {levels}>", "exec"), scope)
+    return scope["walk"]  # type: ignore[return-value]
