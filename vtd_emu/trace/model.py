@@ -847,7 +847,10 @@ def expect_to_dict(exp: dict[str, Any]) -> dict[str, Any]:
 def _is_plain_dma(ev: Event) -> bool:
     """A DMA whose whole content fits the columns (no note, no generic expectations, its own payload)."""
     return (ev.op == "dma" and ev.note is None and "data_from" not in ev.fields
-            and (ev.expect is None or set(ev.expect) <= {"faults", "addrs", "data"}))
+            and (ev.expect is None or ev.expect.keys() <= _BLOCK_EXPECT))
+
+
+_BLOCK_EXPECT = frozenset(("faults", "addrs", "data"))
 
 
 def block_from_events(events: Sequence[Event], where: str = "") -> DmaBlock:
@@ -920,7 +923,8 @@ def blockify(events: Iterable[Event | DmaBlock], min_run: int = 1) -> list[Event
         if isinstance(ev, Event) and _is_plain_dma(ev):
             run.append(ev)
             continue
-        flush()
+        if run:
+            flush()
         out.append(ev)
     flush()
     return out

@@ -242,20 +242,23 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
     only.  ``check(line, name, fields)`` is called once for each distinct text of a wanted event (it
     raises to refuse one)."""
     s = summary if summary is not None else LogSummary()
-    parsers, empty = _PARSERS, _EMPTY
+    # One probe per line gives everything about its event: (pattern, fields, empty format, wanted, memo).
     # Lines repeat (the same interrupt, the same cached context, the same page hit): a text seen recently
     # has already been matched and converted, so its fields are reused (never mutated by consumers).
-    memo: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in parsers}
+    known: dict[str, tuple[re.Pattern[str], tuple[tuple[str, int], ...], bool, bool, dict[str, dict[str, Any]]]] = {
+        name: (pat, fields, name in _EMPTY, args_for is None or name in args_for, {})
+        for name, (pat, fields) in _PARSERS.items()}
     head72 = _HEAD_72.match
-    styles = s.styles
-    events = s.events
+    # Counted in locals, added to the summary when the stream ends (however it ends).
+    per_style = {"7.2": 0, "10.1": 0, "bare": 0}
+    per_event: dict[str, int] = {}
     n = 0
     try:
         for n, raw in enumerate(lines, 1):
             line = raw.rstrip("\r\n")
             head, sep, rest = line.partition(":")
-            # PID@SEC.USEC before the first colon (cheap test first: the regex only confirms candidates).
-            if sep and "@" in head and head[:1].isdigit() and head72(head):
+            # PID@SEC.USEC before the first colon.
+            if sep and head72(head):
                 name, _, body = rest.partition(" ")
                 style = "7.2"
                 stamp: str | None = head
@@ -269,39 +272,39 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
                         s.other_lines += 1
                         continue
                     stamp, style = None, "bare"
-            p = parsers.get(name)
-            if p is None:
+            k = known.get(name)
+            if k is None:
                 if style != "bare" and _NAME.match(name) or name.startswith(_TRACE_PREFIXES):
                     s.unknown[name] += 1
-                    s.trace_lines += 1
-                    styles[style] += 1
+                    per_style[style] += 1
                 else:
                     s.other_lines += 1
                 continue
-            s.trace_lines += 1
-            styles[style] += 1
-            events[name] += 1
-            seen = memo[name]
+            per_style[style] += 1
+            per_event[name] = per_event.get(name, 0) + 1
+            seen = k[4]
             args = seen.get(body)
             if args is None:
-                mm = p[0].match(body.rstrip(" ") if name in empty else body)
+                mm = k[0].match(body.rstrip(" ") if k[2] else body)
                 if mm is None:
                     raise TraceError(file, f"line {n}", f"{name}: expected text like {EVENTS[name][0]!r}, "
                                                         f"got {body!r}")
                 args = {}
-                if args_for is None or name in args_for:
-                    for (k, base), v in zip(p[1], mm.groups()):
-                        args[k] = int(v, base) if base else v
+                if k[3]:
+                    for (key, base), v in zip(k[1], mm.groups()):
+                        args[key] = int(v, base) if base else v
                     if check is not None:
                         check(n, name, args)
                 if len(seen) >= _MEMO:
                     seen.clear()
                 seen[body] = args
-            if args_for is not None and name not in args_for:
-                continue
-            yield LogEvent(n, name, args, stamp)
+            if k[3]:
+                yield LogEvent(n, name, args, stamp)
     finally:
         s.lines += n
+        s.trace_lines += sum(per_style.values())
+        s.styles.update({st: c for st, c in per_style.items() if c})
+        s.events.update(per_event)
 
 
 def parse_log(text: str, file: str = "<log>") -> tuple[list[LogEvent], LogSummary]:
