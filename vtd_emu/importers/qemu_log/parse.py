@@ -155,7 +155,7 @@ _LINE_101 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _TRACE_PREFIXES = ("vtd_", "x86_iommu_")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_MEMO = 256
+_MEMO = 4096
 
 
 @dataclass(slots=True)
@@ -242,12 +242,12 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
     only.  ``check(line, name, fields)`` is called once for each distinct text of a wanted event (it
     raises to refuse one)."""
     s = summary if summary is not None else LogSummary()
-    # One probe per line gives everything about its event: (pattern, fields, empty format, wanted, memo).
-    # Lines repeat (the same interrupt, the same cached context, the same page hit): a text seen recently
-    # has already been matched and converted, so its fields are reused (never mutated by consumers).
-    known: dict[str, tuple[re.Pattern[str], tuple[tuple[str, int], ...], bool, bool, dict[str, dict[str, Any]]]] = {
-        name: (pat, fields, name in _EMPTY, args_for is None or name in args_for, {})
-        for name, (pat, fields) in _PARSERS.items()}
+    # Lines repeat (the same interrupt, the same cached context, the same page hit): a text (the line
+    # after its timestamp) seen recently has already been matched and converted, so one probe gives its
+    # event and fields (shared, never mutated by consumers).
+    memo: dict[str, tuple[str, bool, dict[str, Any]]] = {}
+    wanted = {name: args_for is None or name in args_for for name in _PARSERS}
+    parsers, empty = _PARSERS, _EMPTY
     head72 = _HEAD_72.match
     # Counted in locals, added to the summary when the stream ends (however it ends).
     per_style = {"7.2": 0, "10.1": 0, "bare": 0}
@@ -259,9 +259,17 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
             head, sep, rest = line.partition(":")
             # PID@SEC.USEC before the first colon.
             if sep and head72(head):
+                stamp: str | None = head
+                hit = memo.get(rest)
+                if hit is not None:
+                    name = hit[0]
+                    per_style["7.2"] += 1
+                    per_event[name] += 1
+                    if hit[1]:
+                        yield LogEvent(n, name, hit[2], stamp)
+                    continue
                 name, _, body = rest.partition(" ")
                 style = "7.2"
-                stamp: str | None = head
             else:
                 m = _LINE_101.match(line)
                 if m:
@@ -272,34 +280,35 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
                         s.other_lines += 1
                         continue
                     stamp, style = None, "bare"
-            k = known.get(name)
-            if k is None:
-                if style != "bare" and _NAME.match(name) or name.startswith(_TRACE_PREFIXES):
-                    s.unknown[name] += 1
-                    per_style[style] += 1
-                else:
-                    s.other_lines += 1
-                continue
-            per_style[style] += 1
-            per_event[name] = per_event.get(name, 0) + 1
-            seen = k[4]
-            args = seen.get(body)
-            if args is None:
-                mm = k[0].match(body.rstrip(" ") if k[2] else body)
+                rest = f"{name} {body}"
+                hit = memo.get(rest)
+            if hit is None:
+                p = parsers.get(name)
+                if p is None:
+                    if style != "bare" and _NAME.match(name) or name.startswith(_TRACE_PREFIXES):
+                        s.unknown[name] += 1
+                        per_style[style] += 1
+                    else:
+                        s.other_lines += 1
+                    continue
+                mm = p[0].match(body.rstrip(" ") if name in empty else body)
                 if mm is None:
                     raise TraceError(file, f"line {n}", f"{name}: expected text like {EVENTS[name][0]!r}, "
                                                         f"got {body!r}")
-                args = {}
-                if k[3]:
-                    for (key, base), v in zip(k[1], mm.groups()):
+                args: dict[str, Any] = {}
+                want = wanted[name]
+                if want:
+                    for (key, base), v in zip(p[1], mm.groups()):
                         args[key] = int(v, base) if base else v
                     if check is not None:
                         check(n, name, args)
-                if len(seen) >= _MEMO:
-                    seen.clear()
-                seen[body] = args
-            if k[3]:
-                yield LogEvent(n, name, args, stamp)
+                if len(memo) >= _MEMO:
+                    memo.clear()
+                hit = memo[rest] = (name, want, args)
+            per_style[style] += 1
+            per_event[name] = per_event.get(name, 0) + 1
+            if hit[1]:
+                yield LogEvent(n, name, hit[2], stamp)
     finally:
         s.lines += n
         s.trace_lines += sum(per_style.values())
