@@ -1309,6 +1309,11 @@ def _hex_list(v: list[int | None]) -> str:
     return ",".join("null" if a is None else f'"{a:#x}"' for a in v)
 
 
+_LINE_DMA_EXPECT = frozenset(("faults", "addrs", "walks"))
+_LINE_DMA_WALKED = ("faults", "addrs", "walks")
+_LINE_MSI_EXPECT = frozenset(("msi_addr", "msi_data", "ir_fault"))
+
+
 def event_line(ev: Event) -> str:
     """``json.dumps(event_to_dict(ev), separators=(",", ":"))``, written directly for what a log import
     emits by the hundred thousand (qword writes, reads with translation expectations, MSIs)."""
@@ -1317,13 +1322,19 @@ def event_line(ev: Event) -> str:
         if op == "mem_write" and "qwords" in f and exp is None:
             return f'{{"op":"mem_write","addr":"{f["addr"]:#x}","qwords":[{_hex_list(f["qwords"])}]}}'
         if op == "dma" and f["dir"] == "read" and f.get("pasid") is None and not f.get("priv") \
-                and "data_from" not in f and exp is not None and set(exp) <= {"faults", "addrs", "walks"}:
+                and "data_from" not in f and exp is not None and exp.keys() <= _LINE_DMA_EXPECT:
+            if tuple(exp) == _LINE_DMA_WALKED and not exp["faults"] and len(exp["addrs"]) == 1 \
+                    and exp["addrs"][0] is not None:
+                # A translated read with its IOTLB outcome: the import's most common line.
+                return (f'{{"op":"dma","sid":"{f["sid"]:#x}","iova":"{f["iova"]:#x}","len":{f["len"]},'
+                        f'"dir":"read","expect":{{"faults":[],"addrs":["{exp["addrs"][0]:#x}"],'
+                        f'"walks":{exp["walks"]}}}}}')
             parts = []
             for k, v in exp.items():
                 parts.append(f'"{k}":{v}' if k == "walks" else f'"{k}":[{_hex_list(v)}]')
             return (f'{{"op":"dma","sid":"{f["sid"]:#x}","iova":"{f["iova"]:#x}","len":{f["len"]},"dir":"read",'
                     f'"expect":{{{",".join(parts)}}}}}')
-        if op == "msi" and exp is not None and set(exp) <= {"msi_addr", "msi_data", "ir_fault"}:
+        if op == "msi" and exp is not None and exp.keys() <= _LINE_MSI_EXPECT:
             ex = ",".join(f'"{k}":' + ("null" if v is None else f'"{v:#x}"') for k, v in exp.items())
             return f'{{"op":"msi","sid":"{f["sid"]:#x}","addr":"{f["addr"]:#x}","data":"{f["data"]:#x}","expect":{{{ex}}}}}'
     return json.dumps(event_to_dict(ev), separators=(",", ":"))
