@@ -1047,7 +1047,16 @@ def _load_jsonl(p: Path) -> Trace:
     events: list[Event | DmaBlock] = []
     header = None
     n_ev = 0
+    # An imported log repeats lines by the thousand (the same interrupt, the same hit): a line seen recently
+    # is the same event again, only its place differs (its dicts are copied, their values shared).
+    memo: dict[str, Event] = {}
     for ln, line in enumerate(lines, 1):
+        seen = memo.get(line)
+        if seen is not None:
+            events.append(Event(seen.op, dict(seen.fields), None if seen.expect is None else dict(seen.expect),
+                                seen.note, f"line {ln} (event {n_ev})"))
+            n_ev += 1
+            continue
         if not line.strip():
             continue
         try:
@@ -1061,12 +1070,20 @@ def _load_jsonl(p: Path) -> Trace:
                 raise TraceError(file, f"line {ln}", f"unknown header key {sorted(extra)[0]!r}; events follow "
                                                     "on their own lines")
             continue
-        events.append(parse_event(doc, file, f"line {ln} (event {n_ev})"))
+        ev = parse_event(doc, file, f"line {ln} (event {n_ev})")
+        events.append(ev)
         n_ev += 1
+        if len(memo) >= JSONL_MEMO_LINES:
+            memo.clear()
+        memo[line] = ev
     if header is None:
         raise TraceError(file, "line 1", f"empty file; expected a header line with format: {FORMAT}")
     cfg, name, desc = header
     return Trace(cfg, events, name, desc, file)
+
+
+JSONL_MEMO_LINES = 4096
+"""Distinct event lines :func:`_load_jsonl` remembers the validated event of (then it starts over)."""
 
 
 def _yaml_load(text: str) -> Any:
