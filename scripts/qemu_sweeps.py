@@ -138,7 +138,8 @@ def _legacy_domain(s: Scn, devs: tuple[str, ...] = ("A",), did: int = 1, levels:
     return rt, ss
 
 
-def _scalable_domain(s: Scn, devs: tuple[str, ...] = ("A",), did: int = 1) -> tuple[ScalableRootTable, SecondStageTable]:
+def _scalable_domain(s: Scn, devs: tuple[str, ...] = ("A",),
+                     did: int = 1) -> tuple[ScalableRootTable, SecondStageTable]:
     rt = ScalableRootTable(s.ram, s.alloc)
     ss = SecondStageTable(s.ram, s.alloc, levels=3)
     ss.map(0x1000, DATA_PAGE, PAGE_4K, R | W)
@@ -194,10 +195,12 @@ def gen_fidelity() -> Iterator[dict[str, Any]]:
         yield s.doc()
     # x-buggy-eim and eim, as QEMU 7.2 accepts or refuses them: the register file at reset tells.
     for iommu in ({"eim": "on"}, {"eim": "on", "buggy_eim": True}, {"eim": "off", "buggy_eim": True},
-                  {"buggy_eim": True}, {"eim": "on", "intremap": "off"}, {"eim": "on", "buggy_eim": True, "intremap": "off"},
+                  {"buggy_eim": True}, {"eim": "on", "intremap": "off"},
+                  {"eim": "on", "buggy_eim": True, "intremap": "off"},
                   {"eim": "auto", "buggy_eim": True, "intremap": "off"},
                   # which refusal comes first
-                  {"eim": "on", "device_iotlb": True, "pasid": True}, {"aw_bits": 50, "device_iotlb": True, "pasid": True},
+                  {"eim": "on", "device_iotlb": True, "pasid": True},
+                  {"aw_bits": 50, "device_iotlb": True, "pasid": True},
                   {"aw_bits": 50, "eim": "on"}, {"aw_bits": 50, "dma_drain": False, "scalable_mode": True}):
         tag = "_".join(f"{k}-{v}" for k, v in iommu.items())
         s = Scn(f"fid_eim_{tag}", "fidelity", f"intel-iommu {iommu}", iommu)
@@ -363,8 +366,8 @@ def _bit_sweep(s: Scn, entries: list[tuple[str, int, int]], dev: str, iova: int)
                 s.clear_fault()
                 s.ram.write_u64(a, orig)
                 _invalidate(s)
-                s.steps.append({"op": "dma", "sid": hex(SID[dev]), "dir": "write", "iova": hex(WB_IOVA + (iova & 0xFFF)),
-                                "len": 8, "data_from_step": read_step})
+                s.steps.append({"op": "dma", "sid": hex(SID[dev]), "dir": "write",
+                                "iova": hex(WB_IOVA + (iova & 0xFFF)), "len": 8, "data_from_step": read_step})
                 s.clear_fault()
 
 

@@ -213,6 +213,7 @@ def test_a_converted_scenario_saves_and_replays_as_a_trace(tmp_path: Path, kind:
      "earlier read DMA step"),
     # Issue 12: none of these may replay as "0 mismatches" or end in a traceback.
     (lambda d: d["steps"].append({"op": "poke"}), "field 'op'", "unknown op 'poke'"),
+    (lambda d: d["steps"].append({"op": ["dma"]}), "field 'op'", "unknown op ['dma']"),
     (lambda d: d["steps"].append({"op": "dma", "sid": "zz", "dir": "read", "iova": "0x0", "len": 4}), "field 'sid'",
      ""),
     (lambda d: next(s for s in d["steps"] if s["op"] == "dma").pop("iova"), "field 'iova'", "missing field 'iova'"),
@@ -279,6 +280,7 @@ def _attribution_tool() -> Any:
     return mod
 
 
+@pytest.mark.slow   # ~10 s of CPU: 28 replays of every scenario the spec profile gets wrong
 @pytest.mark.skipif(not SCENARIOS, reason="shared/qemu-oracle not available")
 def test_every_spec_profile_mismatch_is_attributed_to_a_quirk() -> None:
     tool = _attribution_tool()

@@ -97,15 +97,16 @@ def test_sweeps_cover_what_the_issue_asks() -> None:
     _, st_docs = corpus("structures")
     for kind in ("legacy_root_entry", "legacy_context_entry", "ss_l4_table", "ss_l3_1g_leaf", "ss_l2_2m_leaf",
                  "ss_l1_4k_leaf", "sm_root_entry_lower", "sm_root_entry_upper", "sm_context_entry", "pasid_dir_entry",
-                 "_pasid_entry", "desc_context", "desc_iotlb", "desc_dev_tlb", "desc_iec", "desc_wait", "desc_pasid_iotlb",
-                 "desc_pasid_cache"):
+                 "_pasid_entry", "desc_context", "desc_iotlb", "desc_dev_tlb", "desc_iec", "desc_wait",
+                 "desc_pasid_iotlb", "desc_pasid_cache"):
         assert any(d["id"].endswith(kind) for d in st_docs), kind
 
 
 # -- live: a fixed sample of every family, recorded again -----------------------------------------------
 
 LIVE_SAMPLE: dict[str, tuple[str, ...]] = {
-    "fidelity": ("fid_rtaddr_ttm_legacy", "fid_srtp_ttm3_scalable_scalable_tables", "fid_srtp_ttm1_legacy_legacy_tables",
+    "fidelity": ("fid_rtaddr_ttm_legacy", "fid_srtp_ttm3_scalable_scalable_tables",
+                 "fid_srtp_ttm1_legacy_legacy_tables",
                  "fid_sm_root_rsvd_hi1", "fid_sm_root_rsvd_lo11", "fid_eim_eim-on_buggy_eim-True",
                  "fid_eim_eim-off_buggy_eim-True", "fid_dma_translation_off", "fid_psi_in_2m_3ff000_234000_am0",
                  "fid_wide_write_fectl", "fid_wide_write_gsts"),

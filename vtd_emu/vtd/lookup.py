@@ -173,7 +173,8 @@ class StructureDecoder(ChipState):
                  | (F_NXE if f["NXE"].get(v) else 0) | (F_SMEP if f["SMEP"].get(v) else 0)
                  | (F_ERE if f["ERE"].get(v) else 0) | (F_EAFE if f["EAFE"].get(v) else 0))
         ssade = bool(f["SSADE"].get(v)) and self.ecap_slads
-        return PasidEntry(f["DID"].get(v), pgtt, aw + 2, f["SSPTPTR"].get(v) << 12 & self.ssptptr_mask, 5 if fspm else 4,
+        return PasidEntry(f["DID"].get(v), pgtt, aw + 2, f["SSPTPTR"].get(v) << 12 & self.ssptptr_mask,
+                          5 if fspm else 4,
                           f["FSPTPTR"].get(v) << 12 & self.addr_mask, fpd, flags, ssade, f["SSEE"].get(v))
 
 
