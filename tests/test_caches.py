@@ -10,9 +10,11 @@ PASID-based IOTLB) use the cache methods.  Default: the ``modern`` preset, ``spe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vtd_emu.tables import (
     PAGE_1G,
@@ -31,7 +33,9 @@ from vtd_emu.tables import (
     enable_translation,
 )
 from vtd_emu.memory import HostRAM
+from vtd_emu.vtd.caches import Caches, iotlb_key
 from vtd_emu.vtd.config import VtdConfig
+from vtd_emu.vtd.entries import KIND_FS, KIND_NESTED, KIND_PT, KIND_SS, IotlbEntry
 from vtd_emu.vtd.iommu import Fault, Translation, VtdIommu
 
 K4 = 0x1000
@@ -750,3 +754,83 @@ def test_eviction_observer_is_told_before_fills_lose_anything() -> None:
     c.put_context(1, LegacyContext(CTX_LEGACY, 1, 0, 4, 0, 0))
     c.put_context(2, LegacyContext(CTX_LEGACY, 2, 0, 4, 0, 0))  # an eviction clears the memo
     assert log == [("slot", 7), ("cleared", None)] and c.front == {}
+
+
+# -- the IOTLB's indexes against a plain list of entries ---------------------------------------------
+
+_KINDS = (KIND_SS, KIND_PT, KIND_FS, KIND_NESTED)
+_OPS = st.one_of(
+    st.tuples(st.just("fill"), st.integers(1, 3), st.integers(0, 2), st.integers(0, 3),
+              st.sampled_from((0, 0, 0, 1, 2)), st.integers(0, 600)),
+    st.tuples(st.just("page"), st.integers(1, 3), st.integers(0, 600), st.sampled_from((0, 0, 1, 3, 9, 10, 20))),
+    st.tuples(st.just("ppage"), st.integers(1, 3), st.integers(0, 2), st.integers(0, 600), st.sampled_from((0, 1, 9))),
+    st.tuples(st.just("domain"), st.integers(1, 3)),
+    st.tuples(st.just("pasid"), st.integers(1, 3), st.integers(0, 2)))
+
+
+def _spec_page_hit(e: IotlbEntry, did: int, addr: int, am: int) -> bool:
+    """Spec: an IOTLB page-selective request drops DID's first-stage and nested entries, and its other entries
+    overlapping the 2^AM-page window around the address."""
+    lo = addr & ~((K4 << am) - 1)
+    return e.did == did and (e.kind in (KIND_FS, KIND_NESTED)
+                             or (e.iova < lo + (K4 << am) and e.iova + (1 << e.shift) > lo))
+
+
+def _qemu_page_hit(e: IotlbEntry, did: int, addr: int, am: int) -> bool:
+    """QEMU 7.2 vtd_hash_remove_by_page: page numbers compared through 8 bits above AM, or the address inside
+    the entry's own page."""
+    if e.did != did:
+        return False
+    if e.kind in (KIND_FS, KIND_NESTED):
+        return True
+    mask = (0xFF & ~((1 << am) - 1)) if am < 8 else 0
+    return ((e.iova >> 12) & mask) == ((addr >> 12) & mask) or e.iova == addr & ~((1 << e.shift) - 1)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.booleans(), st.integers(4, 40), st.lists(_OPS, max_size=80))
+def test_iotlb_invalidations_remove_what_a_scan_would(qemu: bool, size: int, ops: list[tuple[Any, ...]]) -> None:
+    # The caches index entries by DID and page; the reference is a list in fill order filtered by the
+    # invalidation's rule, with FIFO eviction and in-place refills.
+    c = Caches(iotlb_size=size, context_size=0, pasid_size=0, psc_size=0, psi_mask_bits=8 if qemu else None)
+    model: list[tuple[int, IotlbEntry]] = []
+    gone: list[IotlbEntry] = []
+    for op in ops:
+        if op[0] == "fill":
+            _, did, pasid, kind, size_idx, page = op
+            shift = 12 + 9 * size_idx
+            iova = (page << 12) & ~((1 << shift) - 1)
+            e = IotlbEntry(iova, (1 << shift) - 1, 0xFFFF, 1, did, pasid, _KINDS[kind], iova, shift)
+            key = iotlb_key(did, pasid, size_idx, iova)
+            at = [j for j, kv in enumerate(model) if kv[0] == key]
+            if at:  # a refill takes its key's place in the FIFO order
+                gone.append(model[at[0]][1])
+                model[at[0]] = (key, e)
+            else:
+                if len(model) >= size:
+                    gone.append(model.pop(0)[1])
+                model.append((key, e))
+            c.put_iotlb(key, e)
+            continue
+        if op[0] == "page":
+            _, did, page, am = op
+            hit = _qemu_page_hit if qemu else _spec_page_hit
+            pred: Callable[[IotlbEntry], bool] = lambda e: hit(e, did, page << 12, am)  # noqa: E731
+            c.iotlb_page(did, page << 12, am, True)
+        elif op[0] == "ppage":
+            _, did, pasid, page, am = op
+            lo = (page << 12) & ~((K4 << am) - 1)
+            pred = lambda e: (e.did == did and e.pasid == pasid and e.kind in (KIND_FS, KIND_NESTED)  # noqa: E731
+                              and e.iova < lo + (K4 << am) and e.iova + (1 << e.shift) > lo)
+            c.piotlb_page(did, pasid, page << 12, am, True)
+        elif op[0] == "domain":
+            pred = lambda e: e.did == op[1]  # noqa: E731
+            c.iotlb_domain(op[1])
+        else:
+            pred = lambda e: e.did == op[1] and e.pasid == op[2]  # noqa: E731
+            c.piotlb_pasid(op[1], op[2])
+        gone.extend(e for _, e in model if pred(e))
+        model = [(k, e) for k, e in model if not pred(e)]
+        assert [(k, id(e)) for k, e in c.iotlb.items()] == [(k, id(e)) for k, e in model]
+    assert [(k, id(e)) for k, e in c.iotlb.items()] == [(k, id(e)) for k, e in model]
+    assert all(e.alive == 0 for e in gone) and all(e.alive == 1 for _, e in model)

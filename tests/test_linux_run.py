@@ -3,6 +3,7 @@ table reconstruction behind it on logs written here (other depths, modes, addres
 
 from __future__ import annotations
 
+import json
 import re
 import tracemalloc
 from collections import Counter
@@ -15,7 +16,7 @@ from conftest import shared_dir
 from vtd_emu.errors import TraceError
 from vtd_emu.importers.qemu_log import import_log, import_log_to, iter_log, open_log
 from vtd_emu.spec.loader import specs
-from vtd_emu.trace.model import Event, canonical_events, load_trace, save_trace
+from vtd_emu.trace.model import Event, canonical_events, event_line, event_to_dict, load_trace, save_trace
 from vtd_emu.trace.replay import Replayer
 from vtd_emu.vtd.qi import T_IOTLB, T_WAIT, make_descriptor
 
@@ -103,6 +104,17 @@ def test_the_whole_run_replays_with_every_translation_and_interrupt_checked(real
     # the snapshot holds most of what QEMU read; the rest the log supplied
     rc = summary.reconstruction
     assert rc["leaves_written"] > 1000 and rc.get("unreconstructed", 0) == 0
+
+
+@need_capture
+@pytest.mark.slow
+def test_the_import_writes_each_event_as_json_would(real_run: tuple[Any, Any, Any]) -> None:
+    # event_line writes the import's common events from templates; json is the reference
+    trace, _, _ = real_run
+    events = [ev for ev in trace.iter_events() if isinstance(ev, Event)]
+    assert len(events) > 90_000
+    for ev in events:
+        assert event_line(ev) == json.dumps(event_to_dict(ev), separators=(",", ":")), ev
 
 
 @need_capture

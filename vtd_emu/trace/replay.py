@@ -660,12 +660,19 @@ class Replayer:
         if want_walks:
             cstats = self.io.caches.stats
             w0 = cstats.walks
+        # The bytes a read brings are needed only to check, record or replay them.
+        want_data = self.record or (exp is not None and "data" in exp) or i in self._keep_reads
         data, faults, addrs = self.dma(f["sid"], f.get("pasid"), f["iova"], f["len"], f["dir"] == "write",
-                                       f.get("priv", False), payload)
+                                       f.get("priv", False), payload, want_data=want_data)
         obs: dict[str, Any] = {"faults": faults, "addrs": addrs}
         if want_walks:
             obs["walks"] = walks = cstats.walks - w0
-            self._count_walks(exp["walks"], walks)  # type: ignore[index]
+            expected = exp["walks"]  # type: ignore[index]
+            c = self.stats.log_iotlb
+            c["qemu_walk" if expected else "qemu_hit"] += 1
+            c["walk" if walks else "hit"] += 1
+            if bool(expected) != bool(walks):
+                c["hit_where_walked" if expected else "walk_where_hit"] += 1
         if data is not None:
             obs["data"] = data
             if i in self._keep_reads:
@@ -728,12 +735,6 @@ class Replayer:
             raise TraceError(self.file, f"{ev.where or f'event {self.index - 1}'} ({ev.op})",
                              "machine actions need a vIOMMU machine (config.vmm)")
         return self.vm
-    def _count_walks(self, expected: int, actual: int) -> None:
-        c = self.stats.log_iotlb
-        c["qemu_walk" if expected else "qemu_hit"] += 1
-        c["walk" if actual else "hit"] += 1
-        if bool(expected) != bool(actual):
-            c["hit_where_walked" if expected else "walk_where_hit"] += 1
 
     def _msi(self, ev: Event) -> dict[str, Any]:
         f = ev.fields
@@ -745,8 +746,9 @@ class Replayer:
         return {"msi_addr": r.addr, "msi_data": r.data, "ir_fault": None}
 
     def dma(self, sid: int, pasid: int | None, iova: int, length: int, write: bool, priv: bool,
-            data: bytes | None) -> tuple[bytes | None, list[int], list[int | None]]:
-        """One DMA, chunk by chunk through ``xlate`` (the scalar path): (bytes read, faults, addresses)."""
+            data: bytes | None, *, want_data: bool = True) -> tuple[bytes | None, list[int], list[int | None]]:
+        """One DMA, chunk by chunk through ``xlate`` (the scalar path): (bytes read, faults, addresses).
+        ``want_data`` False: a one-page read does not fetch its bytes (None instead)."""
         io, ram = self.io, self.ram
         st = self.stats
         ptag = NO_PASID if pasid is None else pasid
@@ -759,21 +761,22 @@ class Replayer:
             # Within one page (nearly every DMA of a driver): the loop below, once, without its buffer.
             st.chunks += 1
             st.scalar_chunks += 1
+            zeros = None if write or not want_data else bytes(length)
             if window and INTR_LO <= iova < INTR_HI:
                 st.untranslated += 1
-                return (None if write else bytes(length)), [], [None]
+                return zeros, [], [None]
             hpa = xl(sid, ptag, iova, req)
             if hpa >= 0:
                 if write:
                     assert data is not None
                     ram.write(hpa, memoryview(data)[:length])
                     return None, [], [hpa]
-                return ram.read(hpa, length), [], [hpa]
+                return (ram.read(hpa, length) if want_data else None), [], [hpa]
             if hpa == DROPPED:
                 st.dropped += 1
-                return (None if write else bytes(length)), [], [None]
+                return zeros, [], [None]
             st.faults[-hpa] += 1
-            return (None if write else bytes(length)), [-hpa], [None]
+            return zeros, [-hpa], [None]
         out = None if write else bytearray(length)
         faults: list[int] = []
         addrs: list[int | None] = []

@@ -289,10 +289,12 @@ class _Converter:
     def _translate(self, a: dict[str, Any], line: int) -> None:
         sid = a["bus"] << 8 | a["slot"] << 3 | a["func"]
         iova, mask, gpa = a["iova"], a["mask"], a["gpa"]
-        expect: dict[str, Any] = {"faults": [], "addrs": [gpa | (iova & mask)]}
+        expect: dict[str, Any]
         write = False
         lf = self.leaf
-        if lf is not None and lf[0] == sid and lf[1] & ~mask == iova & ~mask:
+        if lf is None or lf[0] != sid or lf[1] & ~mask != iova & ~mask:
+            expect = {"faults": [], "addrs": [gpa | (iova & mask)]}
+        else:
             # The IOTLB line before it has the exact address and the leaf QEMU used.
             iova, leaf, walked = lf[1], lf[2], lf[3]
             expect = {"faults": [], "addrs": [gpa | (iova & mask)], "walks": int(walked)}

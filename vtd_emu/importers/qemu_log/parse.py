@@ -155,7 +155,7 @@ _LINE_101 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _TRACE_PREFIXES = ("vtd_", "x86_iommu_")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_MEMO = 256
+_MEMO = 4096
 
 
 @dataclass(slots=True)
@@ -242,23 +242,34 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
     only.  ``check(line, name, fields)`` is called once for each distinct text of a wanted event (it
     raises to refuse one)."""
     s = summary if summary is not None else LogSummary()
+    # Lines repeat (the same interrupt, the same cached context, the same page hit): a text (the line
+    # after its timestamp) seen recently has already been matched and converted, so one probe gives its
+    # event and fields (shared, never mutated by consumers).
+    memo: dict[str, tuple[str, bool, dict[str, Any]]] = {}
+    wanted = {name: args_for is None or name in args_for for name in _PARSERS}
     parsers, empty = _PARSERS, _EMPTY
-    # Lines repeat (the same interrupt, the same cached context, the same page hit): a text seen recently
-    # has already been matched and converted, so its fields are reused (never mutated by consumers).
-    memo: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in parsers}
     head72 = _HEAD_72.match
-    styles = s.styles
-    events = s.events
+    # Counted in locals, added to the summary when the stream ends (however it ends).
+    per_style = {"7.2": 0, "10.1": 0, "bare": 0}
+    per_event: dict[str, int] = {}
     n = 0
     try:
         for n, raw in enumerate(lines, 1):
             line = raw.rstrip("\r\n")
             head, sep, rest = line.partition(":")
-            # PID@SEC.USEC before the first colon (cheap test first: the regex only confirms candidates).
-            if sep and "@" in head and head[:1].isdigit() and head72(head):
+            # PID@SEC.USEC before the first colon.
+            if sep and head72(head):
+                stamp: str | None = head
+                hit = memo.get(rest)
+                if hit is not None:
+                    name = hit[0]
+                    per_style["7.2"] += 1
+                    per_event[name] += 1
+                    if hit[1]:
+                        yield LogEvent(n, name, hit[2], stamp)
+                    continue
                 name, _, body = rest.partition(" ")
                 style = "7.2"
-                stamp: str | None = head
             else:
                 m = _LINE_101.match(line)
                 if m:
@@ -269,39 +280,40 @@ def iter_log(lines: Iterable[str], file: str = "<log>", summary: LogSummary | No
                         s.other_lines += 1
                         continue
                     stamp, style = None, "bare"
-            p = parsers.get(name)
-            if p is None:
-                if style != "bare" and _NAME.match(name) or name.startswith(_TRACE_PREFIXES):
-                    s.unknown[name] += 1
-                    s.trace_lines += 1
-                    styles[style] += 1
-                else:
-                    s.other_lines += 1
-                continue
-            s.trace_lines += 1
-            styles[style] += 1
-            events[name] += 1
-            seen = memo[name]
-            args = seen.get(body)
-            if args is None:
+                rest = f"{name} {body}"
+                hit = memo.get(rest)
+            if hit is None:
+                p = parsers.get(name)
+                if p is None:
+                    if style != "bare" and _NAME.match(name) or name.startswith(_TRACE_PREFIXES):
+                        s.unknown[name] += 1
+                        per_style[style] += 1
+                    else:
+                        s.other_lines += 1
+                    continue
                 mm = p[0].match(body.rstrip(" ") if name in empty else body)
                 if mm is None:
                     raise TraceError(file, f"line {n}", f"{name}: expected text like {EVENTS[name][0]!r}, "
                                                         f"got {body!r}")
-                args = {}
-                if args_for is None or name in args_for:
-                    for (k, base), v in zip(p[1], mm.groups()):
-                        args[k] = int(v, base) if base else v
+                args: dict[str, Any] = {}
+                want = wanted[name]
+                if want:
+                    for (key, base), v in zip(p[1], mm.groups()):
+                        args[key] = int(v, base) if base else v
                     if check is not None:
                         check(n, name, args)
-                if len(seen) >= _MEMO:
-                    seen.clear()
-                seen[body] = args
-            if args_for is not None and name not in args_for:
-                continue
-            yield LogEvent(n, name, args, stamp)
+                if len(memo) >= _MEMO:
+                    memo.clear()
+                hit = memo[rest] = (name, want, args)
+            per_style[style] += 1
+            per_event[name] = per_event.get(name, 0) + 1
+            if hit[1]:
+                yield LogEvent(n, name, hit[2], stamp)
     finally:
         s.lines += n
+        s.trace_lines += sum(per_style.values())
+        s.styles.update({st: c for st, c in per_style.items() if c})
+        s.events.update(per_event)
 
 
 def parse_log(text: str, file: str = "<log>") -> tuple[list[LogEvent], LogSummary]:
