@@ -461,39 +461,53 @@ so no base has 11 there."""
 ICS_OFF = 0x9C
 
 
+IQA_DW = 1 << 11
+"""IQA.DW: 256-bit descriptors (QEMU 7.2 honours it on a scalable unit only)."""
+
+
 def gen_descriptors() -> Iterator[dict[str, Any]]:
     """Each bit of each descriptor type flipped alone in a valid descriptor, queued with a wait
     descriptor behind it; FSTS, IQH and ICS read; then the slot rewritten valid, the errors cleared and IQT
-    written again (QEMU resumes on that write, the spec when IQE clears)."""
-    for name, (t, fields) in DESCRIPTOR_BASES.items():
-        s = Scn(f"struct_desc_{name}", "structures",
-                f"each bit of a valid {name} descriptor flipped alone, then a wait descriptor", {})
-        s.w(IQT_OFF, 0, 8)
-        s.w(IQA_OFF, QUEUE, 8)
-        s.gcmd(GCMD.QIE)
-        base = make_descriptor(t, **fields)
-        valid = make_descriptor(2, G=1)
-        # QEMU aborts on a wait with SW and IF both set: that bit last, the scenario ends there.
-        bits = [b for b in range(128) if not (t == 5 and b == 4)] + ([4] if t == 5 else [])
-        slot = 0
-        for n, b in enumerate(bits):
-            desc = (base[0] ^ (1 << b if b < 64 else 0), base[1] ^ (1 << (b - 64) if b >= 64 else 0))
-            wait = make_descriptor(T_WAIT, SW=1, STATUS_DATA=n + 1, STATUS_ADDR=STATUS)
-            for k, (lo, hi) in enumerate((desc, wait)):
-                s.ram.write(QUEUE + 16 * ((slot + k) % 256), lo.to_bytes(8, "little") + hi.to_bytes(8, "little"))
-            tail = (slot + 2) % 256
-            s.w(IQT_OFF, tail * 16, 8)
-            s.r(FSTS_OFF, 4)
-            s.r(0x80, 8)
-            s.r(ICS_OFF, 4)
-            s.ram.write(QUEUE + 16 * slot, valid[0].to_bytes(8, "little") + valid[1].to_bytes(8, "little"))
-            s.w(FSTS_OFF, 0x70, 4)
-            s.w(ICS_OFF, 1, 4)
-            s.w(IQT_OFF, tail * 16, 8)
-            s.r(FSTS_OFF, 4)
-            s.r(0x80, 8)
-            slot = tail
-        yield s.doc()
+    written again (QEMU resumes on that write, the spec when IQE clears).  Once with a 128-bit queue on a
+    legacy unit, once with a 256-bit queue (IQA.DW) on a scalable unit: all 256 bits, the upper two qwords
+    zero in the valid descriptor."""
+    for width, iommu, prefix in ((128, {}, "struct_desc_"), (256, {"scalable_mode": True}, "struct_desc256_")):
+        nq, size = width // 64, width // 8
+        slots = 4096 // size
+        for name, (t, fields) in DESCRIPTOR_BASES.items():
+            s = Scn(f"{prefix}{name}", "structures",
+                    f"each bit of a valid {name} descriptor flipped alone, then a wait descriptor"
+                    + ("" if width == 128 else " (256-bit queue, scalable unit)"), dict(iommu))
+            s.w(IQT_OFF, 0, 8)
+            s.w(IQA_OFF, QUEUE | (IQA_DW if width == 256 else 0), 8)
+            s.gcmd(GCMD.QIE)
+            base = make_descriptor(t, **fields) + (0,) * (nq - 2)
+            valid = make_descriptor(2, G=1) + (0,) * (nq - 2)
+            # QEMU aborts on a wait with SW and IF both set: that bit last, the scenario ends there.
+            bits = [b for b in range(width) if not (t == 5 and b == 4)] + ([4] if t == 5 else [])
+            slot = 0
+
+            def put(slot: int, qwords: tuple[int, ...]) -> None:
+                s.ram.write(QUEUE + size * (slot % slots), b"".join(q.to_bytes(8, "little") for q in qwords))
+
+            for n, b in enumerate(bits):
+                desc = tuple(q ^ (1 << b % 64 if b // 64 == k else 0) for k, q in enumerate(base))
+                wait = make_descriptor(T_WAIT, SW=1, STATUS_DATA=n + 1, STATUS_ADDR=STATUS) + (0,) * (nq - 2)
+                put(slot, desc)
+                put(slot + 1, wait)
+                tail = (slot + 2) % slots
+                s.w(IQT_OFF, tail * size, 8)
+                s.r(FSTS_OFF, 4)
+                s.r(0x80, 8)
+                s.r(ICS_OFF, 4)
+                put(slot, valid)
+                s.w(FSTS_OFF, 0x70, 4)
+                s.w(ICS_OFF, 1, 4)
+                s.w(IQT_OFF, tail * size, 8)
+                s.r(FSTS_OFF, 4)
+                s.r(0x80, 8)
+                slot = tail
+            yield s.doc()
 
 
 # -- IRTE: each bit of a valid entry, an MSI from a device through it ------------------------------------
