@@ -35,6 +35,9 @@ What is recorded (the oracle's conventions):
   right after the DMA) and ``frcd0``; for reads with a later write-back, ``data`` as observed through it;
 * ``final.regs``: the register dump of the oracle.
 
+Interrupts: :meth:`QemuMachine.edu_msi` has an edu raise its own MSI (requester id included); QEMU's
+``-trace vtd_ir_remap_msi`` lines on stderr (:meth:`QTest.stderr_since`) tell what the unit delivered.
+
 A write DMA landing anywhere else (somewhere no entry ever pointed to) would go unnoticed: the diff does
 not cover all 128 MiB.
 
