@@ -16,6 +16,9 @@ Families (every generator is deterministic: string seeds, no clock):
 * ``structures``: for each in-memory structure a valid setup, then each bit flipped alone (written, the
   caches invalidated, a DMA read, the fault record read and cleared, the bit restored, the bytes read
   written back), and each bit of each invalidation descriptor type (queued with a wait descriptor).
+* ``irte`` (not a scenario family; ``tests/data/qemu-irte/irte.jsonl``, ``tests/test_qemu_irte_sweep.py``):
+  each bit of a valid IRTE flipped alone, in xAPIC and x2APIC mode, and an MSI that device A raises through
+  each entry; QEMU's answer is the message delivered (its ``vtd_ir_remap_msi`` trace), FSTS and FRCD0.
 
     python scripts/qemu_sweeps.py --family registers    # record into tests/data/qemu-sweeps/registers.jsonl.gz
     python scripts/qemu_sweeps.py --family options --list       # ids only, no QEMU
@@ -40,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 # module name the test suite uses.
 sys.path.insert(0, str(REPO / "tests"))
 
-from qemu_harness import FORMAT, QemuRunner, ScenarioMMIO, ScenarioRAM  # noqa: E402
-from vtd_emu.spec.consts import FRCD, GCMD  # noqa: E402
+from qemu_harness import FORMAT, QemuMachine, QemuRunner, ScenarioMMIO, ScenarioRAM  # noqa: E402
+from vtd_emu.spec.consts import FRCD, GCMD, IRTA  # noqa: E402
 from vtd_emu.spec.loader import specs  # noqa: E402
 from vtd_emu.tables import (PAGE_2M, PAGE_4K, PGTT_SS, LegacyRootTable, PageAllocator, PasidTables, R,  # noqa: E402
                             ScalableRootTable, SecondStageTable, W, enable_translation, gcmd_set)
@@ -63,9 +66,9 @@ DATA_PAGE = 0x50_0000
 QUEUE, STATUS = 0x48_0000, 0x48_8000
 
 _OFF = {n: specs().registers[n].resolve_offset(0, 0) for n in
-        ("GCMD", "GSTS", "RTADDR", "CCMD", "FSTS", "FECTL", "IQH", "IQT", "IQA")}
+        ("GCMD", "GSTS", "RTADDR", "CCMD", "FSTS", "FECTL", "IQH", "IQT", "IQA", "IRTA")}
 GCMD_OFF, GSTS_OFF, RTADDR_OFF, CCMD_OFF, FSTS_OFF = (_OFF[n] for n in ("GCMD", "GSTS", "RTADDR", "CCMD", "FSTS"))
-IQT_OFF, IQA_OFF = _OFF["IQT"], _OFF["IQA"]
+IQT_OFF, IQA_OFF, IRTA_OFF = _OFF["IQT"], _OFF["IQA"], _OFF["IRTA"]
 # QEMU 7.2 places them so: CAP.FRO = 0x22 (one FRCD), ECAP.IRO = 0xf.
 FRCD0_HI_DW, IVA_OFF, IOTLB_OFF = 0x22C, 0xF0, 0xF8
 OUTSIDE = (0x230, 0x234, 0x400, 0xFFC)
@@ -458,39 +461,136 @@ so no base has 11 there."""
 ICS_OFF = 0x9C
 
 
+IQA_DW = 1 << 11
+"""IQA.DW: 256-bit descriptors (QEMU 7.2 honours it on a scalable unit only)."""
+
+
 def gen_descriptors() -> Iterator[dict[str, Any]]:
     """Each bit of each descriptor type flipped alone in a valid descriptor, queued with a wait
     descriptor behind it; FSTS, IQH and ICS read; then the slot rewritten valid, the errors cleared and IQT
-    written again (QEMU resumes on that write, the spec when IQE clears)."""
-    for name, (t, fields) in DESCRIPTOR_BASES.items():
-        s = Scn(f"struct_desc_{name}", "structures",
-                f"each bit of a valid {name} descriptor flipped alone, then a wait descriptor", {})
-        s.w(IQT_OFF, 0, 8)
-        s.w(IQA_OFF, QUEUE, 8)
-        s.gcmd(GCMD.QIE)
-        base = make_descriptor(t, **fields)
-        valid = make_descriptor(2, G=1)
-        # QEMU aborts on a wait with SW and IF both set: that bit last, the scenario ends there.
-        bits = [b for b in range(128) if not (t == 5 and b == 4)] + ([4] if t == 5 else [])
-        slot = 0
-        for n, b in enumerate(bits):
-            desc = (base[0] ^ (1 << b if b < 64 else 0), base[1] ^ (1 << (b - 64) if b >= 64 else 0))
-            wait = make_descriptor(T_WAIT, SW=1, STATUS_DATA=n + 1, STATUS_ADDR=STATUS)
-            for k, (lo, hi) in enumerate((desc, wait)):
-                s.ram.write(QUEUE + 16 * ((slot + k) % 256), lo.to_bytes(8, "little") + hi.to_bytes(8, "little"))
-            tail = (slot + 2) % 256
-            s.w(IQT_OFF, tail * 16, 8)
-            s.r(FSTS_OFF, 4)
-            s.r(0x80, 8)
-            s.r(ICS_OFF, 4)
-            s.ram.write(QUEUE + 16 * slot, valid[0].to_bytes(8, "little") + valid[1].to_bytes(8, "little"))
-            s.w(FSTS_OFF, 0x70, 4)
-            s.w(ICS_OFF, 1, 4)
-            s.w(IQT_OFF, tail * 16, 8)
-            s.r(FSTS_OFF, 4)
-            s.r(0x80, 8)
-            slot = tail
-        yield s.doc()
+    written again (QEMU resumes on that write, the spec when IQE clears).  Once with a 128-bit queue on a
+    legacy unit, once with a 256-bit queue (IQA.DW) on a scalable unit: all 256 bits, the upper two qwords
+    zero in the valid descriptor."""
+    for width, iommu, prefix in ((128, {}, "struct_desc_"), (256, {"scalable_mode": True}, "struct_desc256_")):
+        nq, size = width // 64, width // 8
+        slots = 4096 // size
+        for name, (t, fields) in DESCRIPTOR_BASES.items():
+            s = Scn(f"{prefix}{name}", "structures",
+                    f"each bit of a valid {name} descriptor flipped alone, then a wait descriptor"
+                    + ("" if width == 128 else " (256-bit queue, scalable unit)"), dict(iommu))
+            s.w(IQT_OFF, 0, 8)
+            s.w(IQA_OFF, QUEUE | (IQA_DW if width == 256 else 0), 8)
+            s.gcmd(GCMD.QIE)
+            base = make_descriptor(t, **fields) + (0,) * (nq - 2)
+            valid = make_descriptor(2, G=1) + (0,) * (nq - 2)
+            # QEMU aborts on a wait with SW and IF both set: that bit last, the scenario ends there.
+            bits = [b for b in range(width) if not (t == 5 and b == 4)] + ([4] if t == 5 else [])
+            slot = 0
+
+            def put(slot: int, qwords: tuple[int, ...]) -> None:
+                s.ram.write(QUEUE + size * (slot % slots), b"".join(q.to_bytes(8, "little") for q in qwords))
+
+            for n, b in enumerate(bits):
+                desc = tuple(q ^ (1 << b % 64 if b // 64 == k else 0) for k, q in enumerate(base))
+                wait = make_descriptor(T_WAIT, SW=1, STATUS_DATA=n + 1, STATUS_ADDR=STATUS) + (0,) * (nq - 2)
+                put(slot, desc)
+                put(slot + 1, wait)
+                tail = (slot + 2) % slots
+                s.w(IQT_OFF, tail * size, 8)
+                s.r(FSTS_OFF, 4)
+                s.r(0x80, 8)
+                s.r(ICS_OFF, 4)
+                put(slot, valid)
+                s.w(FSTS_OFF, 0x70, 4)
+                s.w(ICS_OFF, 1, 4)
+                s.w(IQT_OFF, tail * size, 8)
+                s.r(FSTS_OFF, 4)
+                s.r(0x80, 8)
+                slot = tail
+            yield s.doc()
+
+
+# -- IRTE: each bit of a valid entry, an MSI from a device through it ------------------------------------
+
+IRT_BASE = 0x60_0000
+IRTA_S = 7                        # 2^(S+1) = 256 entries: one per bit, no interrupt-entry cache to invalidate
+IRTE_MODES: dict[str, tuple[dict[str, Any], int, int]] = {
+    "xapic": ({"intremap": "on"}, 0, 0x03 << 8),
+    "x2apic": ({"intremap": "on", "eim": "on", "buggy_eim": True}, IRTA.EIME, 0x0001_0203),
+}
+"""mode: (QEMU options, IRTA.EIME, IRTE.DST). QEMU 7.2 under TCG takes eim=on only with x-buggy-eim."""
+IRTE_SID = "A"
+
+
+def irte_base(dst: int) -> int:
+    """The valid IRTE every swept entry differs from by one bit: fixed delivery to ``dst``, vector 0x41,
+    the requester id of :data:`IRTE_SID` verified on all 16 bits (SVT=01, SQ=00)."""
+    return specs().structure("irte").encode(P=1, V=0x41, DST=dst, SID=SID[IRTE_SID], SQ=0, SVT=1)
+
+
+def msi_addr(index: int) -> int:
+    """A remappable-format MSI address selecting IRTE ``index`` (no subhandle)."""
+    return 0xFEE0_0000 | (index & 0x7FFF) << 5 | 1 << 4 | (index >> 15 & 1) << 2
+
+
+def gen_irte() -> Iterator[dict[str, Any]]:
+    """One sweep per interrupt mode: IRTE 0 is valid, IRTE 1 + k has bit k flipped; device A raises one MSI
+    through each (entry 0 first and last: nothing the sweep did changed the unit's state)."""
+    for mode, (iommu, eime, dst) in IRTE_MODES.items():
+        base = irte_base(dst)
+        entries = [(0, base)] + [(1 + k, base ^ 1 << k) for k in range(128)]
+        msis = [{"entry": i, "note": "valid" if i == 0 else f"bit {i - 1} flipped", "sid": hex(SID[IRTE_SID]),
+                 "addr": hex(msi_addr(i)), "data": "0x0"} for i, _ in entries]
+        msis.append(dict(msis[0], note="valid, again"))
+        yield {"format": IRTE_FORMAT, "id": f"irte_{mode}", "description": f"each IRTE bit flipped alone ({mode})",
+               "iommu": iommu, "irta": hex(IRT_BASE | eime | IRTA_S),
+               "entries": [[i, hex(v & (1 << 64) - 1), hex(v >> 64)] for i, v in entries], "msis": msis}
+
+
+IRTE_FORMAT = "vtd-qemu-irte-sweep/1"
+IRTE_CORPUS = REPO / "tests" / "data" / "qemu-irte" / "irte.jsonl"
+"""Not under :data:`DATA_DIR`: its documents are not scenarios (``scripts/attribute_quirks.py`` reads that
+directory)."""
+IR_TRACE = "vtd_ir_remap_msi"
+"""QEMU 7.2's trace of a delivered message: ``vtd_ir_remap_msi (addr A, data D) -> (addr A', data D')``, the
+message leaving the unit (for every MSI it lets through, remapped or not); a blocked one has none."""
+
+
+def record_irte(doc: dict[str, Any]) -> dict[str, Any]:
+    """QEMU 7.2's answer to each MSI of ``doc``: the message delivered (or null), FSTS and FRCD0 right after
+    it, and QEMU's error lines (``error_report_once``: each cause prints once per run)."""
+    out = dict(doc, msis=[dict(m) for m in doc["msis"]])
+    with QemuMachine(doc["iommu"], extra_args=["-trace", IR_TRACE]) as m:
+        m.start()
+        q = m.q
+        assert q is not None
+        irta = int(doc["irta"], 16)
+        for i, lo, hi in doc["entries"]:
+            q.writeq((irta & ~0xFFF) + 16 * i, int(lo, 16))
+            q.writeq((irta & ~0xFFF) + 16 * i + 8, int(hi, 16))
+        m.vtd_write(IRTA_OFF, irta, 8)
+        m.vtd_write(GCMD_OFF, GCMD.SIRTP, 4)
+        m.vtd_write(GCMD_OFF, GCMD.IRE, 4)
+        out["gsts"] = hex(m.vtd_read(GSTS_OFF, 4))
+        dev = m.device_for_sid(int(doc["msis"][0]["sid"], 16))
+        assert dev is not None
+        for msi in out["msis"]:
+            pos = q.stderr_size()
+            m.edu_msi(dev, int(msi["addr"], 16), int(msi["data"], 16))
+            lines = q.stderr_since(pos)
+            delivered = None
+            for ln in lines:
+                if ln.startswith(IR_TRACE + " "):
+                    a2, d2 = ln.split("-> (addr ")[1].rstrip(")").split(", data ")
+                    delivered = {"addr": hex(int(a2, 16)), "data": hex(int(d2, 16))}
+            fsts = m.vtd_read(FSTS_OFF, 4)
+            frcd = [hex(m.vtd_read(FRCD0_HI_DW - 0xC, 8)), hex(m.vtd_read(FRCD0_HI_DW - 4, 8))]
+            msi["expect"] = {"delivered": delivered, "fsts": hex(fsts), "frcd0": frcd,
+                             "log": [ln for ln in lines if not ln.startswith("vtd_ir_")]}
+            if fsts:
+                m.vtd_write(FRCD0_HI_DW, FRCD.F >> 96, 4)
+                m.vtd_write(FSTS_OFF, 0x7F, 4)
+    return out
 
 
 FAMILIES: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
@@ -523,15 +623,23 @@ def record(family: str, out: Path, ids: set[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", choices=sorted(FAMILIES), required=True)
+    ap.add_argument("--family", choices=sorted([*FAMILIES, "irte"]), required=True)
     ap.add_argument("--list", action="store_true", help="print the scenario ids and step counts, run nothing")
-    ap.add_argument("-o", "--output", type=Path, help="default: tests/data/qemu-sweeps/<family>.jsonl")
+    ap.add_argument("-o", "--output", type=Path,
+                    help="default: tests/data/qemu-sweeps/<family>.jsonl (irte: tests/data/qemu-irte/irte.jsonl)")
     args = ap.parse_args(argv)
+    gen = gen_irte if args.family == "irte" else FAMILIES[args.family]
     if args.list:
-        for doc in FAMILIES[args.family]():
-            print(doc["id"], len(doc["steps"]))
+        for doc in gen():
+            print(doc["id"], len(doc["msis"] if args.family == "irte" else doc["steps"]))
         return 0
-    out = args.output or corpus_path(args.family)
+    out = args.output or (IRTE_CORPUS if args.family == "irte" else corpus_path(args.family))
+    if args.family == "irte":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(record_irte(d), separators=(",", ":")) + "\n" for d in gen()),
+                       encoding="utf-8")
+        print(f"{out}")
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{record(args.family, out)} scenarios -> {out}")
     return 0

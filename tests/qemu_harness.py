@@ -35,6 +35,9 @@ What is recorded (the oracle's conventions):
   right after the DMA) and ``frcd0``; for reads with a later write-back, ``data`` as observed through it;
 * ``final.regs``: the register dump of the oracle.
 
+Interrupts: :meth:`QemuMachine.edu_msi` has an edu raise its own MSI (requester id included); QEMU's
+``-trace vtd_ir_remap_msi`` lines on stderr (:meth:`QTest.stderr_since`) tell what the unit delivered.
+
 A write DMA landing anywhere else (somewhere no entry ever pointed to) would go unnoticed: the diff does
 not cover all 128 MiB.
 
@@ -73,6 +76,9 @@ EDU_ID = 0x11E8_1234            # vendor 0x1234, device 0x11e8
 EDU_DMA_START = 0x4_0000        # device address of the edu's buffer
 EDU_BUF_SIZE = 4096
 EDU_CMD_RUN, EDU_CMD_TO_RAM = 1, 2
+EDU_INTR_RAISE, EDU_INTR_ACK = 0x60, 0x64
+PCI_CAP_ID_MSI = 0x05
+MSI_ENABLE = 1 << 16            # message control bit 0, in the capability's first dword
 SCRATCH = 0x1_0000              # guest RAM used (then zeroed) to load the edu buffers before step 0
 ROOT_PORT_BDF = (0, 3, 0)
 
@@ -200,6 +206,24 @@ class QTest:
         except OSError:
             return []
         return [ln for ln in text.splitlines() if ln.strip()][-n:]
+
+    def stderr_size(self) -> int:
+        """Where QEMU's stderr (its trace log included) ends now: the start for :meth:`stderr_since`."""
+        self._err.flush()
+        try:
+            return self.stderr_path.stat().st_size
+        except OSError:
+            return 0
+
+    def stderr_since(self, pos: int) -> list[str]:
+        """The lines QEMU wrote to stderr after :meth:`stderr_size` returned ``pos``."""
+        self._err.flush()
+        try:
+            with self.stderr_path.open("rb") as f:
+                f.seek(pos)
+                return f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
 
     def _exited(self, line: str) -> QemuExited:
         try:
@@ -449,6 +473,22 @@ class QemuMachine:
                 raise QemuTimeout(f"edu {dev.name}: DMA at {addr:#x} did not complete within {limit:g} s (killed)")
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
+
+    def edu_msi(self, dev: EduDevice, addr: int, data: int) -> None:
+        """``dev`` raises its MSI with address ``addr`` and 16-bit ``data`` (the edu's MSI capability is
+        64-bit, without masking): a write from the device itself, so the IOMMU sees its requester id, as
+        it does not for a DMA to 0xFEEx_xxxx (QEMU issues those with unspecified attributes)."""
+        q = self.q
+        assert q is not None
+        cap = q.pci_cfg_readl(dev.bdf, 0x34) & 0xFC
+        if q.pci_cfg_readl(dev.bdf, cap) & 0xFF != PCI_CAP_ID_MSI:
+            raise QemuError(f"edu {dev.name}: no MSI capability at {cap:#x}")
+        q.pci_cfg_writel(dev.bdf, cap + 4, addr & 0xFFFF_FFFF)
+        q.pci_cfg_writel(dev.bdf, cap + 8, addr >> 32)
+        q.pci_cfg_writel(dev.bdf, cap + 12, data & 0xFFFF)
+        q.pci_cfg_writel(dev.bdf, cap, q.pci_cfg_readl(dev.bdf, cap) | MSI_ENABLE)
+        q.writel(dev.bar + EDU_INTR_RAISE, 1)   # sends the message
+        q.writel(dev.bar + EDU_INTR_ACK, 1)
 
     def load_buffer(self, dev: EduDevice, image: bytes) -> None:
         """Fill the start of ``dev``'s buffer with ``image``: a read DMA from scratch RAM, which is zeroed

@@ -100,6 +100,15 @@ def test_sweeps_cover_what_the_issue_asks() -> None:
                  "_pasid_entry", "desc_context", "desc_iotlb", "desc_dev_tlb", "desc_iec", "desc_wait",
                  "desc_pasid_iotlb", "desc_pasid_cache"):
         assert any(d["id"].endswith(kind) for d in st_docs), kind
+    # Descriptors again in a 256-bit queue (IQA.DW) on a scalable unit: every one of the 256 bits.
+    wide = [d for d in st_docs if d["id"].startswith("struct_desc256_")]
+    assert len(wide) == 7 and all(d["config"]["iommu"] == {"scalable_mode": True} for d in wide)
+    for doc in wide:
+        iqa = next(st for st in doc["steps"] if st["op"] == "mmio_write" and st["off"] == "0x90")
+        assert int(iqa["value"], 16) & 1 << 11, doc["id"]
+        assert all(len(st["qwords"]) == 4 for st in doc["steps"] if st["op"] == "mem_write"), doc["id"]
+        # IQT is written twice per bit (the flipped descriptor, then the slot made valid), after its reset.
+        assert sum(st["op"] == "mmio_write" and st["off"] == "0x88" for st in doc["steps"]) == 1 + 2 * 256
 
 
 # -- live: a fixed sample of every family, recorded again -----------------------------------------------
@@ -118,7 +127,7 @@ LIVE_SAMPLE: dict[str, tuple[str, ...]] = {
                 "opt_pt-false", "opt_snoop_control-true", "opt_version-1", "opt_buggy_eim-true", "opt_pasid-true",
                 "opt_scalable_mode-true", "opt_eim-on__buggy_eim-true", "opt_dma_drain-false__scalable_mode-true",
                 "opt_device_iotlb-true__pasid-true", "opt_intremap-off__scalable_mode-true"),
-    "structures": ("struct_legacy_aw39_ss_l1_4k_leaf", "struct_scalable_sm_root_entry_upper"),
+    "structures": ("struct_legacy_aw39_ss_l1_4k_leaf", "struct_scalable_sm_root_entry_upper", "struct_desc256_iotlb"),
 }
 
 

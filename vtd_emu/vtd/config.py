@@ -46,6 +46,8 @@ class Quirks:
     qemu_qi_descriptors: bool = False
     rtaddr_smt_bit: bool = False
     sm_root_rsvd_both_halves: bool = False
+    ir_faults_unrecorded: bool = False
+    irte_qemu_reserved: bool = False
 
 
 @lru_cache(maxsize=None)

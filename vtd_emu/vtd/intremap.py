@@ -70,6 +70,8 @@ class InterruptRemapper:
         self.eim = bool(cfg.ecap_field("EIM"))
         self.flush_on_sirtp = bool(cfg.cap_field("ESIRTPS"))
         self.compat_passthrough = chip.quirks.ignore_cfi
+        self.faults_unrecorded = chip.quirks.ir_faults_unrecorded
+        self.lax_rsvd = chip.quirks.irte_qemu_reserved
         self.cache: dict[int, _Irte] = {}
         self.remapped = 0
         self.blocked = 0
@@ -124,7 +126,9 @@ class InterruptRemapper:
         if not self._sid_ok(sid, e):
             return self._fault(sid, _IR_SID_ERR, index, e.fpd)
         dest = e.dst if eime else (e.dst >> 8) & 0xFF
-        out_addr = _MSI_BASE | (dest & 0xFF) << 12 | e.rh << 3 | e.dm << 2 | (dest >> 8) << 32
+        # x2APIC destinations above 8 bits go in address bits 63:40, the x86 extended-destination MSI form
+        # (Linux arch_msi_msg_addr_hi.destid_8_31; QEMU's vtd_generate_msi_message and APIC agree).
+        out_addr = _MSI_BASE | (dest & 0xFF) << 12 | e.rh << 3 | e.dm << 2 | (dest & ~0xFF) << 32
         out_data = e.vector | e.dlm << 8 | 1 << 14 | e.tm << 15
         self.remapped += 1
         return self._send(Interrupt("remapped", out_addr, out_data, e.vector, dest))
@@ -142,7 +146,8 @@ class InterruptRemapper:
         if not f["P"].get(v):
             return _IR_ENTRY_P | fpd << FPD_SHIFT
         # Posted format (IM=1) is not modelled (no preset has CAP.PI): its bits are reserved here.
-        if lo & self.rsvd[0] or hi & self.rsvd[1] or f["IM"].get(v) or (not eime and v & _XAPIC_DST_RSVD):
+        if lo & self.rsvd[0] or hi & self.rsvd[1] or (
+                not self.lax_rsvd and (f["IM"].get(v) or (not eime and v & _XAPIC_DST_RSVD))):
             return _IR_IRTE_RSVD | fpd << FPD_SHIFT
         return _Irte(fpd, f["DM"].get(v), f["RH"].get(v), f["TM"].get(v), f["DLM"].get(v), f["V"].get(v),
                      f["DST"].get(v), f["SID"].get(v), f["SQ"].get(v), f["SVT"].get(v))
@@ -161,6 +166,8 @@ class InterruptRemapper:
 
     def _fault(self, sid: int, reason: int, index: int | None, fpd: int) -> IrFault:
         self.blocked += 1
+        if self.faults_unrecorded:
+            return IrFault(reason, reason_name(reason), index, False)
         fi = ((index or 0) & 0xFFFF) << 48
         # T=0 and no PASID: an interrupt request is neither a read nor a PASID-tagged request.
         recorded = self.chip.faults.report(sid, fi, reason, fpd, True)
