@@ -15,6 +15,7 @@ import pytest
 from conftest import shared_dir
 from vtd_emu.errors import TraceError
 from vtd_emu.importers.qemu_log import import_log, import_log_to, iter_log, open_log
+from vtd_emu.spec.consts import FR
 from vtd_emu.spec.loader import specs
 from vtd_emu.trace.model import Event, canonical_events, event_line, event_to_dict, load_trace, save_trace
 from vtd_emu.trace.replay import Replayer
@@ -298,36 +299,55 @@ def test_the_snapshot_upper_levels_are_used_and_a_missing_table_is_placed(tmp_pa
 
 def test_interrupt_requests_are_remapped_and_ir_faults_expected(tmp_path: Path) -> None:
     """vtd_ir_remap_msi → an msi event expecting QEMU's result; the IRTE QEMU printed (its qwords
-    swapped, as QEMU passes them) is written first; a request QEMU blocked expects the IR fault."""
+    swapped, as QEMU passes them) is written first; a request QEMU blocked expects no message, and the IR
+    fault with its record when the log shows one."""
     irte = specs().structure("irte")
     v = irte.encode(P=1, DM=1, RH=1, V=0x41, DST=0x3 << 8, SVT=1, SID=0x18)     # xAPIC: destination in DST[15:8]
-    w = LogWriter()
-    w.setup()
-    w.ev("vtd_reg_write", "addr 0xb8 size 0x8 value 0x200000f")
-    w.ev("vtd_reg_write", "addr 0x18 size 0x4 value 0x85000000")
-    w.ev("vtd_reg_ir_root", "addr 0x2000000 size 0x10000")
-    w.ev("vtd_reg_write", "addr 0x18 size 0x4 value 0x86000000")
-    w.ev("vtd_ir_enable", "enable 1")
     handle = 5
     addr = 0xFEE0_0000 | handle << 5 | 1 << 4 | 1 << 3       # remappable format, SHV
-    w.ev("vtd_ir_remap_msi_req", f"addr {addr:#x} data 0x0")
-    w.ev("vtd_ir_irte_get", f"index {handle} low {v >> 64:#x} high {v & (1 << 64) - 1:#x}")
-    w.ev("vtd_ir_remap", f"index {handle} trigger 0 vector 65 deliver 0 dest 0x3 mode 1")
-    w.ev("vtd_ir_remap_type", "MSI")
-    w.ev("vtd_ir_remap_msi", f"(addr {addr:#x}, data 0x0) -> (addr 0xfee0300c, data 0x4041)")
-    # index 6 is not present: QEMU records IR fault 0x22 and prints no result
-    bad = 0xFEE0_0000 | 6 << 5 | 1 << 4
-    w.ev("vtd_ir_remap_msi_req", f"addr {bad:#x} data 0x0")
-    w.ev("vtd_ir_irte_get", "index 6 low 0x0 high 0x0")
-    w.ev("vtd_frr_new", "index 0 high 0x2200000000 low 0x6000000000000")
-    res, s = _replay(tmp_path, w.text(), ram_size=64 << 20)
+    bad = 0xFEE0_0000 | 6 << 5 | 1 << 4                      # index 6 is not present
+
+    def log(recorded: bool) -> str:
+        w = LogWriter()
+        w.setup()
+        w.ev("vtd_reg_write", "addr 0xb8 size 0x8 value 0x200000f")
+        w.ev("vtd_reg_write", "addr 0x18 size 0x4 value 0x85000000")
+        w.ev("vtd_reg_ir_root", "addr 0x2000000 size 0x10000")
+        w.ev("vtd_reg_write", "addr 0x18 size 0x4 value 0x86000000")
+        w.ev("vtd_ir_enable", "enable 1")
+        for irq in (addr, bad, addr):
+            w.ev("vtd_ir_remap_msi_req", f"addr {irq:#x} data 0x0")
+            if irq == bad:
+                w.ev("vtd_ir_irte_get", "index 6 low 0x0 high 0x0")
+                if recorded:
+                    w.ev("vtd_frr_new", "index 0 high 0x2200000000 low 0x6000000000000")
+                continue
+            w.ev("vtd_ir_irte_get", f"index {handle} low {v >> 64:#x} high {v & (1 << 64) - 1:#x}")
+            w.ev("vtd_ir_remap", f"index {handle} trigger 0 vector 65 deliver 0 dest 0x3 mode 1")
+            w.ev("vtd_ir_remap_type", "MSI")
+            w.ev("vtd_ir_remap_msi", f"(addr {irq:#x}, data 0x0) -> (addr 0xfee0300c, data 0x4041)")
+        return w.text()
+
+    ok = {"msi_addr": 0xFEE0300C, "msi_data": 0x4041}
+    # QEMU 7.2 drops the blocked request and records nothing ("TODO: report error" in vtd_mem_ir_write;
+    # tests/data/qemu-irte): no message, no record expected, and the qemu-7.2 profile agrees.
+    res, _ = _replay(tmp_path, log(False), ram_size=64 << 20)
     msis = [e for e in load_trace(tmp_path / "g.jsonl").events if e.op == "msi"]
-    assert [m.expect for m in msis] == [{"msi_addr": 0xFEE0300C, "msi_data": 0x4041},
-                                        {"msi_addr": None, "msi_data": None, "ir_fault": 0x22,
-                                         "regs": {0x220: (0x6000000000000, (1 << 64) - 1),
-                                                  0x228: (0x8000002200000000, (1 << 64) - 1)}}]
+    assert [m.expect for m in msis] == [ok, {"msi_addr": None, "msi_data": None}, ok]
     assert msis[0].fields["sid"] == 0x18          # what the IRTE's source validation accepts
-    assert res.mismatches == [] and res.stats.interrupts == {"remapped": 1, "blocked": 1}
+    assert res.mismatches == [] and res.stats.interrupts == {"remapped": 2, "blocked": 1}
+    # A QEMU that records IR faults (as the spec says) logs the record: the request then expects that
+    # fault and the record, which the spec profile produces.
+    log_path = tmp_path / "r.log"
+    log_path.write_text(log(True))
+    trace, _ = import_log(log_path, out=tmp_path / "r.jsonl", ram_size=64 << 20)
+    save_trace(trace, tmp_path / "r.jsonl")
+    msis = [e for e in load_trace(tmp_path / "r.jsonl").events if e.op == "msi"]
+    assert msis[1].expect == {"msi_addr": None, "msi_data": None, "ir_fault": FR.IR_ENTRY_P,
+                              "regs": {0x220: (0x6000000000000, (1 << 64) - 1),
+                                       0x228: (0x8000002200000000, (1 << 64) - 1)}}
+    res = Replayer(load_trace(tmp_path / "r.jsonl"), profile="spec").run()
+    assert res.mismatches == [] and res.stats.interrupts == {"remapped": 2, "blocked": 1}
 
 
 def _churn_log(rounds: int) -> str:
