@@ -999,7 +999,8 @@ def render_vmm(rows: list[VmmRow]) -> list[str]:
     w("- Machine: `vtd_emu.vmm.Machine` (guest RAM 16 MiB, default vIOMMU) on `Host(\"modern\")`; the guest "
       "side is `vtd_emu.vmm.GuestDriver` (Linux's intel-iommu: scalable tables in guest RAM, each device's "
       "RID_PASID on the identity domain); the timed descriptors go through its `qi_submit`, each batch "
-      "followed by a status-writing wait whose completion the bench checks.")
+      "followed by a status-writing wait whose completion the bench checks. The timed part includes the "
+      "driver's own work per descriptor (its status slots and descriptor log), as a real guest's would.")
     w("- Bind: per PASID, the guest writes the PASID entry (first stage) beforehand; the timed part is the "
       "PASID-cache invalidation + wait (the vIOMMU runs the queue, the bridge decodes the entry, allocates "
       "the nested HWPT and attaches it). Baseline: the same `hwpt_alloc` + `attach_pt` made by hand for "
