@@ -1,7 +1,11 @@
 """A raw guest for the vIOMMU machine tests: tables built in guest RAM with vtd_emu.tables, registers
 written through the machine's MMIO, a 256-bit invalidation queue in guest RAM filled by hand.  It issues
 only what a test asks for (tests that misbehave on purpose need exactly that), and it checks nothing
-against the bridge: the tests do.
+against the bridge: the tests do.  It is not built on ``GuestDriver``: that driver's ``qi_submit`` is
+Linux's ``qi_submit_sync`` (it repairs IQE and clears ITE itself, per-slot QI_DONE statuses) and its
+``init`` is Linux's bring-up (its own root table, global flushes, caching-mode flushes at attach), while
+these tests watch FSTS.ITE stay set until they clear it, reset the tail by hand after a machine reset,
+read increasing wait tokens from a bridge listener, and write entries with no invalidation at all.
 
 Also an independent reference for passthrough DMA: where a GVA lands in host memory, computed from the
 first-stage builder's own model of what it mapped and the VMM's page table (never from the bridge or the

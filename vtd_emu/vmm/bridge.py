@@ -16,8 +16,8 @@ TE off (other PASIDs)          detached
 PGTT = first stage             a nested ``VTD_S1`` HWPT (FSPTPTR, 48 + 9·FSPM, SRE/WPE/EAFE) on the parent
 PGTT = pass-through            the nest parent
 not present / invalid          detached; DMA faults with the reason the vIOMMU's decode gave
-PGTT = second stage, legacy    detached, refused: shadowing a guest second stage is caching-mode work
-                               (issue 10); DMA faults with "invalid PASID entry" (legacy: "invalid
+PGTT = second stage, legacy    detached, refused: caching-mode shadowing of second-stage guests is not
+                               built yet; DMA faults with "invalid PASID entry" (legacy: "invalid
                                context entry")
 host refuses (errno)           detached, refused: DMA faults with "invalid PASID entry" (0x5B); the
                                errno is in :attr:`BindState.errno` and the action log

@@ -15,7 +15,7 @@ guest-physical memory.  It follows ``drivers/iommu/intel`` closely enough that t
 
 Tests that misbehave on purpose use the raw level: :meth:`GuestDriver.qi_submit`, the
 ``invalidate_*`` builders, :meth:`read_reg` / :meth:`write_reg`.  Everything the driver writes is in
-:attr:`GuestDriver.log`.  Where it departs from Linux is listed in ``docs/vmm-guest.md``.
+:attr:`GuestDriver.log`.  Where it departs from Linux is listed in ``docs/vmm.md``, "Guest driver".
 """
 
 from __future__ import annotations
