@@ -700,7 +700,11 @@ class Replayer:
         except ValueError as exc:
             raise TraceError(self.file, f"{where} field 'pasid'", str(exc)) from None
         for r in out.faults:
-            st.faults[r] += 1
+            # 0: blocked with no fault record for the guest (DeviceDma.faults), counted as dropped.
+            if r:
+                st.faults[r] += 1
+            else:
+                st.dropped += 1
         obs: dict[str, Any] = {"faults": list(out.faults), "unbacked": out.unbacked, "pending": out.pending}
         if payload is None:
             obs["data"] = out.data
