@@ -35,7 +35,7 @@ from vtd_emu.tables import (
 from vtd_emu.memory import HostRAM
 from vtd_emu.vtd.caches import Caches, iotlb_key
 from vtd_emu.vtd.config import VtdConfig
-from vtd_emu.vtd.entries import KIND_FS, KIND_NESTED, KIND_PT, KIND_SS, IotlbEntry
+from vtd_emu.vtd.entries import CTX_LEGACY, KIND_FS, KIND_NESTED, KIND_PT, KIND_SS, IotlbEntry, LegacyContext
 from vtd_emu.vtd.iommu import Fault, Translation, VtdIommu
 
 K4 = 0x1000
@@ -724,9 +724,6 @@ def test_scalable_iotlb_size_limit() -> None:
 
 
 def test_eviction_observer_is_told_before_fills_lose_anything() -> None:
-    from vtd_emu.vtd.caches import Caches
-    from vtd_emu.vtd.entries import CTX_LEGACY, KIND_SS, IotlbEntry, LegacyContext
-
     c = Caches(iotlb_size=2, context_size=1, pasid_size=1, psc_size=0)
     log: list[tuple[str, object]] = []
 
