@@ -275,28 +275,27 @@ class HostRAM:
                      sparse: BinaryIO | None) -> None:
         """Bytes ``[base, base + length)`` in order; with ``sparse`` (a seekable raw file) zero runs are
         skipped by seeking instead of written."""
-        pos = base
-        end = base + length
         zeros = bytes(1 << 20)
-        for pfn in pfns:
-            start = max(pfn << PAGE_SHIFT, base)
-            gap = start - pos
-            if sparse is not None:
-                sparse.seek(start - base)
-            else:
-                while gap > 0:
-                    n = min(gap, len(zeros))
-                    write(zeros[:n])
-                    gap -= n
-            stop = min((pfn + 1) << PAGE_SHIFT, end)
-            write(self.read(start, stop - start))
-            pos = stop
-        if sparse is None:
-            gap = end - pos
+
+        def fill(gap: int) -> None:
             while gap > 0:
                 n = min(gap, len(zeros))
                 write(zeros[:n])
                 gap -= n
+
+        pos = base
+        end = base + length
+        for pfn in pfns:
+            start = max(pfn << PAGE_SHIFT, base)
+            if sparse is not None:
+                sparse.seek(start - base)
+            else:
+                fill(start - pos)
+            stop = min((pfn + 1) << PAGE_SHIFT, end)
+            write(self.read(start, stop - start))
+            pos = stop
+        if sparse is None:
+            fill(end - pos)
 
 # -- views: one address space seen through another ------------------------------------------------------
 
