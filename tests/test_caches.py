@@ -831,3 +831,25 @@ def test_iotlb_invalidations_remove_what_a_scan_would(qemu: bool, size: int, ops
         assert [(k, id(e)) for k, e in c.iotlb.items()] == [(k, id(e)) for k, e in model]
     assert [(k, id(e)) for k, e in c.iotlb.items()] == [(k, id(e)) for k, e in model]
     assert all(e.alive == 0 for e in gone) and all(e.alive == 1 for _, e in model)
+
+
+def test_translate_goes_through_an_instance_xlate_on_memo_hits_too() -> None:
+    # Wrappers of the DMA path (the sanitizer, the vIOMMU validator) shadow xlate on the instance; a
+    # translation answered from the front memo must still pass through them.
+    env = legacy()
+    s = sid(0x0D)
+    ss = env.table()
+    ss.map(X, OLD, K4)
+    env.attach(s, ss, 1)
+    assert out(env.io, s, X + 0x18) == OLD + 0x18  # fills the IOTLB and the front memo
+    inner = env.io.xlate
+    calls: list[int] = []
+
+    def xlate(sid_: int, ptag: int, iova: int, req: int) -> int:
+        calls.append(iova)
+        return inner(sid_, ptag, iova, req)
+
+    env.io.xlate = xlate  # type: ignore[method-assign]
+    assert out(env.io, s, X + 0x20) == OLD + 0x20
+    assert out(env.io, s, X + 0x28, "w") == OLD + 0x28
+    assert calls == [X + 0x20, X + 0x28]

@@ -60,7 +60,6 @@ class Inspector(Translator):
         no longer supports to :attr:`stale_hits`."""
         # An instance attribute shadows the method: the plain hot path pays nothing for the option.
         self.xlate = self._xlate_sanitized  # type: ignore[method-assign]
-        self.sanitizing = True
 
     def _xlate_sanitized(self, sid: int, ptag: int, iova: int, req: int) -> int:
         out = Translator.xlate(self, sid, ptag, iova, req)
