@@ -853,3 +853,32 @@ def test_translate_goes_through_an_instance_xlate_on_memo_hits_too() -> None:
     assert out(env.io, s, X + 0x20) == OLD + 0x20
     assert out(env.io, s, X + 0x28, "w") == OLD + 0x28
     assert calls == [X + 0x20, X + 0x28]
+
+
+@pytest.mark.parametrize("sanitize", [False, True])
+def test_reset_keeps_an_instance_xlate_and_the_sanitizer_as_they_were(sanitize: bool) -> None:
+    # A validator's wrapper survives a system reset, and does not turn the sanitizer on (nor off).
+    env = legacy()
+    io = env.io
+    if sanitize:
+        io.enable_sanitizer()
+    inner = io.xlate
+    calls: list[int] = []
+
+    def xlate(sid_: int, ptag: int, iova: int, req: int) -> int:
+        calls.append(iova)
+        return inner(sid_, ptag, iova, req)
+
+    io.xlate = xlate  # type: ignore[method-assign]
+    io.reset()
+    s = sid(0x0D)
+    ss = env.table()
+    ss.map(X, OLD, K4)
+    env.attach(s, ss, 1)
+    enable_translation(io, env.rt.root)
+    assert out(io, s, X) == OLD
+    ss.unmap(X, K4)
+    ss.map(X, NEW, K4)
+    assert out(io, s, X + 8) == OLD + 8  # a stale IOTLB hit: no invalidation
+    assert calls == [X, X + 8]
+    assert len(io.stale_hits) == (1 if sanitize else 0)

@@ -152,10 +152,14 @@ class VtdIommu(RegisterControl, Inspector, DmaPort):
     def reset(self) -> None:
         """System reset: every register back to its default, caches, queue, fault records and latched
         state dropped, translation off.  What is outside the unit survives: the endpoints behind it (their
-        device TLBs are theirs), the interrupt sink, the observers (then told :class:`UnitReset`)."""
+        device TLBs are theirs), the interrupt sink, the observers (then told :class:`UnitReset`), and
+        whatever shadows ``xlate`` on the instance (the sanitizer, a validator's wrapper) as it was."""
         observers, controls = self.invalidation_observers, self.control_observers
         devices, on_interrupt = self.devices, self.on_interrupt
-        VtdIommu.__init__(self, self.mem, self.cfg, on_interrupt=on_interrupt, sanitize="xlate" in self.__dict__)
+        shadow = self.__dict__.get("xlate")
+        VtdIommu.__init__(self, self.mem, self.cfg, on_interrupt=on_interrupt)
+        if shadow is not None:
+            self.xlate = shadow  # type: ignore[method-assign]
         self.invalidation_observers, self.control_observers, self.devices = observers, controls, devices
         if controls:
             self.notify_control(UnitReset())
