@@ -16,6 +16,7 @@ from vtd_emu.tables import (PAGE_1G, PAGE_2M, PAGE_4K, PGTT_SS, LegacyRootTable,
                             ScalableRootTable, SecondStageTable, W, enable_translation)
 from vtd_emu.vtd.config import qemu72_config
 from vtd_emu.vtd.iommu import VtdIommu
+from vtd_emu.vtd.qi import T_WAIT, make_descriptor
 from vtd_emu.vtd.results import Fault
 
 RTADDR, GCMD_OFF, GSTS_OFF, IVA, IOTLB = 0x20, 0x18, 0x1C, 0xF0, 0xF8   # QEMU 7.2's IRO puts IVA at 0xf0
@@ -263,8 +264,6 @@ def test_qemu_descriptor_type_and_reserved_bits(t: int, fields: dict, flip: int)
     # QEMU 7.2 recorded: an IEC descriptor with a bit of 11:9 set is still an IEC (QEMU checks nothing in it),
     # and PASID-IOTLB / PASID-cache descriptors are no-ops checked for nothing.  The spec: bits 11:9 are
     # part of the type (an unknown type), reserved bits of types 6 and 7 are an invalidation queue error.
-    from vtd_emu.vtd.qi import T_WAIT, make_descriptor
-
     for profile in PROFILES:
         io, ram, alloc = unit({}, profile)
         queue, status = alloc.alloc(), alloc.alloc()
