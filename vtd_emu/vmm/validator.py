@@ -157,7 +157,7 @@ class Validator:
         host.iommu.stale_hits = _Sink(self._host_hit)
         self._wrap_xlate(v, guest=True)
         self._wrap_xlate(host.iommu, guest=False)
-        self._iqt = _offset("IQT")
+        self._iqt, self._iqa = v.regs.offset_of("IQT"), v.regs.offset_of("IQA")
         inner_mmio = machine.mmio_write
 
         def mmio_write(offset: int, value: int, size: int = 4) -> None:
@@ -428,7 +428,7 @@ class Validator:
         qi = self.m.viommu.qi
         assert qi is not None
         v = self.m.viommu
-        iqa = v.mmio_read(_offset("IQA"), 8)
+        iqa = v.mmio_read(self._iqa, 8)
         slot = 32 if iqa & _IQA_DW else 16
         base = iqa & _IQA_ADDR
         qbytes = 4096 << (iqa & _IQA_QS)
@@ -492,12 +492,6 @@ class Validator:
         self._seen_rsvd.add(key)
         self._report("reserved-bits", sid, pasid if kind == _PASID else None,
                      f"{kind} entry with reserved bits set: the unit answers {reason:#x} {reason_name(reason)}")
-
-
-def _offset(name: str) -> int:
-    o = specs().register(name).offset
-    assert o is not None
-    return o
 
 
 _IQA_DW, _IQA_ADDR, _IQA_QS, _IQT_QT = IQA.DW, IQA.IQA, IQA.QS, IQT.QT
