@@ -50,7 +50,7 @@ from ..vtd.descriptors import (ContextInvalidation, ControlEvent, Invalidation, 
                                TranslationEnableChanged, UnitReset)
 from ..vtd.entries import CTX_LEGACY, REASON_MASK
 from ..vtd.faults import reason_name
-from ..vtd.qi import LAYOUTS, TYPE_NAMES
+from ..vtd.qi import T_IOTLB, T_PIOTLB, TYPE_NAMES, InvalidationQueue
 from ..vtd.results import StaleHit
 from .bridge import KIND_BLOCKED, KIND_NESTED, BridgeAction
 
@@ -62,8 +62,6 @@ KINDS = ("stale-viommu", "stale-host", "entry-changed", "torn-update", "reserved
 _BIND_CALLS = frozenset({"hwpt_alloc", "attach", "replace"})
 _RSVD_REASONS = frozenset({FR.ROOT_ENTRY_RSVD, FR.CONTEXT_ENTRY_RSVD, FR.SM_ROOT_ENTRY_RSVD,
                            FR.SM_CONTEXT_ENTRY_RSVD, FR.SM_PASID_DIR_ENTRY_RSVD, FR.SM_PASID_ENTRY_RSVD})
-_T_PIOTLB = next(t for t, n in TYPE_NAMES.items() if n == "pasid-iotlb")
-_T_IOTLB = next(t for t, n in TYPE_NAMES.items() if n == "iotlb")
 _CTX, _PASID = "context", "pasid"
 
 
@@ -159,7 +157,7 @@ class Validator:
         host.iommu.stale_hits = _Sink(self._host_hit)
         self._wrap_xlate(v, guest=True)
         self._wrap_xlate(host.iommu, guest=False)
-        self._iqt = _offset("IQT")
+        self._iqt, self._iqa = v.regs.offset_of("IQT"), v.regs.offset_of("IQA")
         inner_mmio = machine.mmio_write
 
         def mmio_write(offset: int, value: int, size: int = 4) -> None:
@@ -430,7 +428,7 @@ class Validator:
         qi = self.m.viommu.qi
         assert qi is not None
         v = self.m.viommu
-        iqa = v.mmio_read(_offset("IQA"), 8)
+        iqa = v.mmio_read(self._iqa, 8)
         slot = 32 if iqa & _IQA_DW else 16
         base = iqa & _IQA_ADDR
         qbytes = 4096 << (iqa & _IQA_QS)
@@ -447,20 +445,21 @@ class Validator:
                 if bad:
                     self._report("reserved-bits", None, None, f"{TYPE_NAMES.get(t, t)} descriptor at {base + off:#x} "
                                                               f"has reserved bits {bad:#x} set")
-                if t in (_T_PIOTLB, _T_IOTLB) and t in LAYOUTS:
-                    self._check_queued_am(t, q0 | q1 << 64)
+                if t in (T_PIOTLB, T_IOTLB):
+                    self._check_queued_am(qi, t, q0 | q1 << 64)
             off = (off + slot) % qbytes
             n += 1
 
-    def _check_queued_am(self, t: int, v: int) -> None:
-        # The unit rejects AM > MAMV with IQE before any observer sees it: check the queued descriptor.
-        lay = specs().structure(LAYOUTS[t])
-        if lay.field("G").get(v) != 3:
+    def _check_queued_am(self, qi: InvalidationQueue, t: int, v: int) -> None:
+        # The unit rejects AM > MAMV with IQE before any observer sees it: check the queued descriptor
+        # with the queue's own compiled fields.
+        f = qi.f[t]
+        if f["G"].get(v) != 3:
             return
-        am = lay.field("AM").get(v)
-        mamv = self.m.viommu.cfg.cap_field("MAMV")
+        am = f["AM"].get(v)
+        mamv = qi.mamv
         if am > mamv:
-            pasid = lay.field("PASID").get(v) if t == _T_PIOTLB else None
+            pasid = f["PASID"].get(v) if t == T_PIOTLB else None
             self._report("wrong-granularity", None, pasid, f"{TYPE_NAMES[t]} descriptor with AM {am} above CAP.MAMV "
                                                            f"{mamv} (the unit rejects it)")
 
@@ -493,12 +492,6 @@ class Validator:
         self._seen_rsvd.add(key)
         self._report("reserved-bits", sid, pasid if kind == _PASID else None,
                      f"{kind} entry with reserved bits set: the unit answers {reason:#x} {reason_name(reason)}")
-
-
-def _offset(name: str) -> int:
-    o = specs().register(name).offset
-    assert o is not None
-    return o
 
 
 _IQA_DW, _IQA_ADDR, _IQA_QS, _IQT_QT = IQA.DW, IQA.IQA, IQA.QS, IQT.QT
