@@ -350,3 +350,15 @@ def test_the_host_call_table_names_public_methods() -> None:
         cls = getattr(hostmod, cls_name)
         for m in methods:
             assert not m.startswith("_") and inspect.isfunction(inspect.getattr_static(cls, m)), f"{cls_name}.{m}"
+
+
+@pytest.mark.parametrize("op", ["dma", "note"])
+def test_bridge_expectation_needs_a_vmm_machine_on_every_path(op: str) -> None:
+    # A Trace built in Python skips load_trace's vocabulary check; the replayer must still refuse it,
+    # whether the event takes the common-event shortcut (dma) or the general path (note).
+    rec = Recorder(TraceConfig(preset="modern"))
+    t = rec.trace()
+    fields = {"sid": 1, "iova": 0x5000, "len": 4, "dir": "read"} if op == "dma" else {"text": "x"}
+    ev = Event(op, fields, {"bridge": []})
+    with pytest.raises(TraceError, match="expect.bridge needs a vIOMMU machine"):
+        Replayer(Trace(t.config, list(t.events) + [ev], "x"), batch=False).run()
